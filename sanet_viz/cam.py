@@ -1,0 +1,68 @@
+"""Class activation maps through pytorch-grad-cam, with the model left as it was found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM,
+                              ScoreCAM, XGradCAM)
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
+from .hooks import resolve_module
+
+__all__ = ["CAM_METHODS", "SINGLE_PASS_METHODS", "CamOutput", "compute_cam", "cam_method_names"]
+
+# Name -> (class, human label). Names are the CLI's --method values.
+CAM_METHODS: dict[str, tuple[type[BaseCAM], str]] = {
+    "gradcam": (GradCAM, "Grad-CAM"),
+    "gradcam++": (GradCAMPlusPlus, "Grad-CAM++"),
+    "xgradcam": (XGradCAM, "XGrad-CAM"),
+    "layercam": (LayerCAM, "LayerCAM"),
+    "hirescam": (HiResCAM, "HiResCAM"),
+    "eigencam": (EigenCAM, "EigenCAM"),
+    "scorecam": (ScoreCAM, "Score-CAM (slow: one forward per channel)"),
+    "ablationcam": (AblationCAM, "Ablation-CAM (slow: one forward per channel)"),
+}
+# Methods that run exactly one forward pass: its logits and hooked features can be reused.
+SINGLE_PASS_METHODS = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam"})
+
+
+def cam_method_names() -> list[str]:
+    return list(CAM_METHODS)
+
+
+@dataclass(frozen=True)
+class CamOutput:
+    cam: np.ndarray  # (H, W) float32 in [0, 1], at the input size
+    logits: Tensor  # (1, num_classes) from the CAM's own forward pass (fp32, detached)
+    target_class: int
+
+
+def compute_cam(model: nn.Module, x: Tensor, *, method: str = "gradcam", layer: str = "layer4.2",
+                target_class: int | None = None, batch_size: int = 32) -> CamOutput:
+    """One CAM for one image ``x`` (1, 3, H, W); ``target_class`` None explains the top-1 class.
+
+    Parameters stay frozen: the gradient reaches the target layer through an input that requires
+    grad, so no ``.grad`` is left on the weights. Hooks are removed on return.
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image of shape (1, 3, H, W), got {tuple(x.shape)}")
+    cls, _ = CAM_METHODS[method]
+    target_layer = resolve_module(model, layer)
+    kwargs = {"batch_size": batch_size} if cls is AblationCAM else {}
+    x = x.detach().float().requires_grad_(True)
+    targets = None if target_class is None else [ClassifierOutputTarget(target_class)]
+    with torch.enable_grad(), cls(model=model, target_layers=[target_layer], **kwargs) as cam:
+        if cls is ScoreCAM:
+            cam.batch_size = batch_size
+        grayscale = cam(input_tensor=x, targets=targets)
+        # BaseCAM keeps the logits of its first forward, the unmodified input, for every method.
+        logits = cam.outputs.detach().float()
+    target = int(logits.argmax(-1)) if target_class is None else target_class
+    return CamOutput(np.asarray(grayscale[0], dtype=np.float32), logits, target)

@@ -1,0 +1,99 @@
+"""Hook owners: each keeps its handles and removes them on ``__exit__``. Always use with ``with``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["resolve_module", "HookOwner", "FeatureCapture", "SAGateRecorder"]
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; accepts paper names (``SA_5_3`` -> ``layer4.2``)."""
+    from .models import paper_name_to_module
+
+    if name.startswith("SA_"):
+        name = paper_name_to_module(name)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        blocks = [n for n in modules if n.count(".") == 1 and n.startswith("layer")]
+        raise ValueError(f"{type(model).__name__} has no module {name!r}; bottlenecks are "
+                         f"{', '.join(blocks[:3])} ... {blocks[-1] if blocks else ''}")
+    return modules[name]
+
+
+class HookOwner:
+    """Base for objects that register hooks: handles are kept and removed on exit."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def _register(self, module: nn.Module, hook: Any) -> None:
+        self._handles.append(module.register_forward_hook(hook))
+
+    def __enter__(self) -> HookOwner:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class FeatureCapture(HookOwner):
+    """Keeps the (detached) outputs of the named modules from the last forward pass."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        super().__init__()
+        self.outputs: dict[str, Tensor] = {}
+        for name in names:
+            self._register(resolve_module(model, name), self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            # A clone: torchvision's blocks and the official SA block modify tensors in place.
+            self.outputs[name] = output.detach().clone()
+        return hook
+
+    def __enter__(self) -> FeatureCapture:
+        return self
+
+
+class SAGateRecorder(HookOwner):
+    """Per SA module and group: the mean channel gate and mean spatial gate of each image.
+
+    ``modules`` maps paper names to SA module names (see :func:`models.sa_module_names`).
+    ``keep_maps`` lists paper names whose spatial gate maps (N, G, H, W) are kept too.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, str], keep_maps: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.channel: dict[str, Tensor] = {}  # paper name -> (N, G)
+        self.spatial: dict[str, Tensor] = {}  # paper name -> (N, G)
+        self.spatial_maps: dict[str, Tensor] = {}  # paper name -> (N, G, H, W)
+        keep = set(keep_maps)
+        for paper_name, module_name in modules.items():
+            self._register(resolve_module(model, module_name), self._hook(paper_name, paper_name in keep))
+
+    def _hook(self, paper_name: str, keep_map: bool) -> Any:
+        @torch.no_grad()
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            gate_c, gate_s = module.gates(inputs[0].detach())  # type: ignore[operator]
+            self.channel[paper_name] = gate_c.float().mean(-1)
+            spatial_map = gate_s.float().mean(2)
+            self.spatial[paper_name] = spatial_map.mean((-2, -1))
+            if keep_map:
+                self.spatial_maps[paper_name] = spatial_map
+        return hook
+
+    def __enter__(self) -> SAGateRecorder:
+        return self

@@ -1,0 +1,299 @@
+"""SA-ResNet (Shuffle Attention, Zhang & Yang, ICASSP 2021) and its ResNet baseline.
+
+The module names and parameter shapes match the released SA-Net checkpoints once their
+DataParallel ``module.`` prefix is stripped: torchvision's ResNet keys plus
+``layerX.Y.sa.{cweight, cbias, sweight, sbias, gn.weight, gn.bias}``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+
+__all__ = [
+    "SA_GROUPS",
+    "ShuffleAttention",
+    "FoldedShuffleAttention",
+    "SABottleneck",
+    "SAResNet",
+    "sa_resnet50",
+    "sa_resnet101",
+    "resnet50",
+    "channel_shuffle",
+    "sa_module_names",
+    "paper_name_to_module",
+    "module_to_paper_name",
+    "bottleneck_names",
+    "fold_channel_shuffle",
+]
+
+SA_GROUPS = 64
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet's channel shuffle: output channel ``g*i + j`` is input channel ``j*C/groups + i``."""
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleAttention(nn.Module):
+    """The SA layer, computed as in the paper (group split, two branches, concat, shuffle).
+
+    Gate parameters have shape (1, C/2G, 1, 1) and are shared by all G groups; they start at
+    weight 0 and bias 1 as in the paper.
+    """
+
+    def __init__(self, channels: int, groups: int = SA_GROUPS) -> None:
+        super().__init__()
+        if channels % (2 * groups):
+            raise ValueError(f"channels ({channels}) must be divisible by 2*groups ({2 * groups})")
+        self.channels = channels
+        self.groups = groups
+        half = channels // (2 * groups)
+        self.cweight = nn.Parameter(torch.zeros(1, half, 1, 1))
+        self.cbias = nn.Parameter(torch.ones(1, half, 1, 1))
+        self.sweight = nn.Parameter(torch.zeros(1, half, 1, 1))
+        self.sbias = nn.Parameter(torch.ones(1, half, 1, 1))
+        # num_groups == num_channels: a per-channel instance norm with an affine transform.
+        self.gn = nn.GroupNorm(half, half)
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two branches' gates for input ``x`` (N, C, H, W), in the paper's group order.
+
+        Returns ``channel`` (N, G, C/2G) and ``spatial`` (N, G, C/2G, H, W).
+        """
+        n, c, h, w = x.shape
+        xg = x.reshape(n * self.groups, c // self.groups, h, w)
+        x0, x1 = xg.chunk(2, dim=1)
+        gate_c = torch.sigmoid(self.cweight * x0.mean((2, 3), keepdim=True) + self.cbias)
+        gate_s = torch.sigmoid(self.sweight * self.gn(x1) + self.sbias)
+        half = c // (2 * self.groups)
+        return gate_c.reshape(n, self.groups, half), gate_s.reshape(n, self.groups, half, h, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        xg = x.reshape(n * self.groups, c // self.groups, h, w)
+        x0, x1 = xg.chunk(2, dim=1)
+        gate_c = torch.sigmoid(self.cweight * x0.mean((2, 3), keepdim=True) + self.cbias)
+        gate_s = torch.sigmoid(self.sweight * self.gn(x1) + self.sbias)
+        out = torch.cat([x0 * gate_c, x1 * gate_s], dim=1).reshape(n, c, h, w)
+        return channel_shuffle(out, 2)
+
+
+class FoldedShuffleAttention(nn.Module):
+    """The SA layer as one per-channel gate, for inputs whose channels are already shuffled.
+
+    Every step of SA before the shuffle acts per channel, so with conv3/bn3's output channels
+    permuted into shuffled order (see :func:`fold_channel_shuffle`) SA becomes
+    ``x * sigmoid(a * x + b)`` with per-(sample, channel) ``a`` and ``b``: channel-branch
+    channels have ``a = 0, b = cweight * mean + cbias``; spatial-branch channels fold the
+    instance norm in: ``a = sweight * gn.w * rstd``, ``b = sweight * (gn.b - gn.w * mean * rstd) + sbias``.
+    No reshapes, concatenations or shuffle copies, and it keeps channels_last layouts.
+    """
+
+    def __init__(self, sa: ShuffleAttention) -> None:
+        super().__init__()
+        c, g = sa.channels, sa.groups
+        half = c // (2 * g)
+        self.channels, self.groups, self.eps = c, g, sa.gn.eps
+        # Canonical (pre-shuffle) channel index p = group * C/G + branch * C/2G + j.
+        p = torch.arange(c)
+        j = p % half
+        branch = (p // half) % 2
+        cw, cb = sa.cweight.detach().flatten(), sa.cbias.detach().flatten()
+        sw, sb = sa.sweight.detach().flatten(), sa.sbias.detach().flatten()
+        gw, gb = sa.gn.weight.detach().flatten(), sa.gn.bias.detach().flatten()
+        is_spatial = branch.bool()
+        w_mean = torch.where(is_spatial, torch.zeros(()), cw[j])  # multiplies the channel mean
+        w_norm = torch.where(is_spatial, sw[j] * gw[j], torch.zeros(()))  # multiplies (x-mu)*rstd
+        bias = torch.where(is_spatial, sw[j] * gb[j] + sb[j], cb[j])
+        order = shuffled_order(c)
+        self.register_buffer("w_mean", w_mean[order].reshape(1, c, 1, 1).clone())
+        self.register_buffer("w_norm", w_norm[order].reshape(1, c, 1, 1).clone())
+        self.register_buffer("bias", bias[order].reshape(1, c, 1, 1).clone())
+        self.register_buffer("spatial_mask", is_spatial[order].reshape(1, c, 1, 1).clone())
+        # Canonical channel p sits at position inverse[p] of the shuffled layout.
+        self.register_buffer("inverse", torch.argsort(order), persistent=False)
+
+    def _coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        stats = x.float()
+        var, mean = torch.var_mean(stats, dim=(2, 3), keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + self.eps)
+        a = self.w_norm * rstd
+        b = self.bias + self.w_mean * mean - a * mean
+        return a.to(x.dtype), b.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self._coefficients(x)
+        return x * torch.sigmoid(torch.addcmul(b, a, x))
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Same contract as :meth:`ShuffleAttention.gates` (paper group order)."""
+        n, c, h, w = x.shape
+        a, b = self._coefficients(x)
+        canon_x = x[:, self.inverse]
+        canon_a, canon_b = a[:, self.inverse], b[:, self.inverse]
+        gate = torch.sigmoid(torch.addcmul(canon_b, canon_a, canon_x))
+        half = c // (2 * self.groups)
+        grouped = gate.reshape(n, self.groups, 2, half, h, w)
+        return grouped[:, :, 0, :, 0, 0], grouped[:, :, 1]
+
+
+def shuffled_order(channels: int) -> Tensor:
+    """Canonical channel that lands at each position after ``channel_shuffle(., 2)``."""
+    half = channels // 2
+    i = torch.arange(channels)
+    return torch.where(i % 2 == 0, i // 2, half + i // 2)
+
+
+class SABottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with an SA layer on bn3's output, before the residual add."""
+
+    def __init__(self, *args: Any, sa_groups: int = SA_GROUPS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sa: nn.Module = ShuffleAttention(self.conv3.out_channels, sa_groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.sa(self.bn3(self.conv3(out)))
+        # Out-of-place add (the official block adds in place): hooks that keep SA's output, such
+        # as Grad-CAM's activation store, then see it unchanged. Numerically identical.
+        return self.relu(out + identity)
+
+
+class SAResNet(nn.Module):
+    """ResNet (torchvision's layout and module names) built from :class:`SABottleneck` blocks.
+
+    ``planes`` and ``sa_groups`` exist so that tests can build small networks with the same
+    layer; the paper's models use the defaults.
+    """
+
+    def __init__(self, layers: Sequence[int], *, num_classes: int = 1000, sa_groups: int = SA_GROUPS,
+                 planes: Sequence[int] = (64, 128, 256, 512)) -> None:
+        super().__init__()
+        if len(layers) != 4 or len(planes) != 4:
+            raise ValueError("layers and planes need four stages each")
+        self.inplanes = planes[0]
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(planes[0], layers[0], 1, sa_groups)
+        self.layer2 = self._make_layer(planes[1], layers[1], 2, sa_groups)
+        self.layer3 = self._make_layer(planes[2], layers[2], 2, sa_groups)
+        self.layer4 = self._make_layer(planes[3], layers[3], 2, sa_groups)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(planes[3] * SABottleneck.expansion, num_classes)
+        for m in self.modules():  # torchvision's initialisation; SA keeps the paper's 0/1.
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, sa_groups: int) -> nn.Sequential:
+        out_channels = planes * SABottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_channels:
+            downsample = nn.Sequential(tv_resnet.conv1x1(self.inplanes, out_channels, stride),
+                                       nn.BatchNorm2d(out_channels))
+        layers = [SABottleneck(self.inplanes, planes, stride, downsample, sa_groups=sa_groups)]
+        self.inplanes = out_channels
+        layers += [SABottleneck(self.inplanes, planes, sa_groups=sa_groups) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def sa_resnet50(*, num_classes: int = 1000) -> SAResNet:
+    """SA-ResNet50 (the paper's SANet50): ResNet50 with an SA layer in each of its 16 bottlenecks."""
+    return SAResNet([3, 4, 6, 3], num_classes=num_classes)
+
+
+def sa_resnet101(*, num_classes: int = 1000) -> SAResNet:
+    """SA-ResNet101: ResNet101 with an SA layer in each of its 33 bottlenecks."""
+    return SAResNet([3, 4, 23, 3], num_classes=num_classes)
+
+
+def resnet50(*, num_classes: int = 1000) -> tv_resnet.ResNet:
+    """torchvision's ResNet50, untrained (weights are loaded by :mod:`sanet_viz.weights`)."""
+    return tv_resnet.resnet50(weights=None, num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper names: SA_s_b = stage s (2..5 = layer1..layer4), block b (1-based).
+
+_PAPER_RE = re.compile(r"^SA_([2-9])_(\d+)$")
+_MODULE_RE = re.compile(r"^layer([1-9])\.(\d+)(?:\.sa)?$")
+
+
+def paper_name_to_module(name: str) -> str:
+    """``"SA_5_3"`` -> ``"layer4.2"`` (the bottleneck; its SA layer is ``layer4.2.sa``)."""
+    m = _PAPER_RE.match(name)
+    if not m:
+        raise ValueError(f"not a paper layer name: {name!r} (expected SA_<stage 2-5>_<block>, e.g. SA_5_3)")
+    return f"layer{int(m.group(1)) - 1}.{int(m.group(2)) - 1}"
+
+
+def module_to_paper_name(module_name: str) -> str:
+    """``"layer4.2"`` or ``"layer4.2.sa"`` -> ``"SA_5_3"``."""
+    m = _MODULE_RE.match(module_name)
+    if not m:
+        raise ValueError(f"not a bottleneck module name: {module_name!r}")
+    return f"SA_{int(m.group(1)) + 1}_{int(m.group(2)) + 1}"
+
+
+def bottleneck_names(model: nn.Module) -> list[str]:
+    """Names of the model's residual blocks in depth order (``layer1.0`` ... ``layer4.2``)."""
+    return [name for name, _ in _iter_blocks(model)]
+
+
+def sa_module_names(model: nn.Module) -> dict[str, str]:
+    """Paper name -> SA module name, in depth order; empty for a model without SA layers."""
+    return {module_to_paper_name(name): f"{name}.sa" for name, block in _iter_blocks(model)
+            if hasattr(block, "sa")}
+
+
+def _iter_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if _MODULE_RE.match(name) and not name.endswith(".sa"):
+            yield name, module
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference-time folding of the channel shuffle into conv3/bn3 (issue: fast analysis).
+
+@torch.no_grad()
+def fold_channel_shuffle(model: SAResNet) -> SAResNet:
+    """A copy of ``model`` whose SA layers run as :class:`FoldedShuffleAttention`.
+
+    conv3's output channels and bn3's parameters are permuted into the shuffled order, so the
+    shuffle costs nothing. Outputs of every block, and the logits, are unchanged. The argument is
+    not modified. The copy is for inference: its state dict is not the released layout.
+    """
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    for _, block in _iter_blocks(folded):
+        sa = getattr(block, "sa", None)
+        if not isinstance(sa, ShuffleAttention):
+            continue
+        order = shuffled_order(sa.channels).to(block.conv3.weight.device)
+        block.conv3.weight.copy_(block.conv3.weight[order])
+        if block.conv3.bias is not None:
+            block.conv3.bias.copy_(block.conv3.bias[order])
+        bn: nn.BatchNorm2d = block.bn3
+        for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            tensor.copy_(tensor[order])
+        block.sa = FoldedShuffleAttention(sa).to(block.conv3.weight.device)
+    return folded

@@ -1,0 +1,95 @@
+"""The paper's per-group activation probe (official GroupAct semantics), batched.
+
+For an image x (already normalised) and its predicted class c: the output of the probe layer
+(SA_5_3 = layer4.2, after the residual add and ReLU) is split into G chunks of consecutive
+channels; chunk k's channel mean, upsampled bilinearly (align_corners=False) to the input size
+and min-max normalised, masks the input: score_k = softmax(model(x * a_k))[c].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["group_maps", "probe_masks", "masked_scores", "GroupProbe", "autocast_for", "PROBE_GROUPS"]
+
+PROBE_GROUPS = 64
+
+
+def group_maps(features: Tensor, groups: int = PROBE_GROUPS) -> Tensor:
+    """(N, C, h, w) -> (N, G, h, w): the mean of each chunk of C/G consecutive channels."""
+    n, c, h, w = features.shape
+    if c % groups:
+        raise ValueError(f"{c} channels do not split into {groups} groups")
+    return features.float().reshape(n, groups, c // groups, h, w).mean(2)
+
+
+def probe_masks(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Upsample (N, G, h, w) maps to ``size`` and min-max normalise each to [0, 1].
+
+    A constant map carries no spatial evidence; the official code divides 0 by 0 there (NaN).
+    We define its mask as all zeros, the limit of (a - min) / max(max - min, eps).
+    """
+    up = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    lo = up.amin(dim=(-2, -1), keepdim=True)
+    span = up.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (up - lo) / span.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(up))
+
+
+@contextlib.contextmanager
+def autocast_for(device: torch.device, precision: str) -> Iterator[None]:
+    """bf16 autocast for ``precision == "bf16"``; a no-op for fp32."""
+    if precision == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "fp32":
+        yield
+    else:
+        raise ValueError(f"precision must be fp32 or bf16 here, got {precision!r}")
+
+
+@torch.no_grad()
+def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *,
+                  batch_size: int = 16, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """Softmax score of ``classes`` and the argmax for every masked input ``x[n] * masks[n, k]``.
+
+    ``x`` (N, 3, H, W), ``masks`` (N, G, H, W), ``classes`` (N,) -> scores (N, G) fp32 and
+    predictions (N, G). Masked inputs are built ``batch_size`` at a time, so memory stays bounded.
+    """
+    n, g = masks.shape[:2]
+    flat_index = torch.arange(n * g, device=x.device)
+    scores = torch.empty(n * g, device=x.device)
+    preds = torch.empty(n * g, dtype=torch.long, device=x.device)
+    flat_classes = classes.to(x.device).repeat_interleave(g)
+    for chunk in flat_index.split(batch_size):
+        image_idx, group_idx = chunk // g, chunk % g
+        batch = x[image_idx] * masks[image_idx, group_idx].unsqueeze(1).to(x.dtype)
+        with autocast_for(x.device, precision):
+            logits = model(batch)
+        probs = torch.softmax(logits.float(), dim=-1)
+        scores[chunk] = probs.gather(1, flat_classes[chunk, None]).squeeze(1)
+        preds[chunk] = probs.argmax(-1)
+    return scores.reshape(n, g), preds.reshape(n, g)
+
+
+@dataclass(frozen=True)
+class GroupProbe:
+    """One image's probe result at one layer."""
+
+    layer: str  # module name, e.g. "layer4.2"
+    paper_name: str  # e.g. "SA_5_3"
+    groups: int
+    target_class: int  # the predicted class c of the unmasked image
+    scores: Tensor  # (G,) softmax(model(x * a_k))[c]
+    predictions: Tensor  # (G,) argmax of each masked forward
+    unmasked_score: float  # softmax(model(x))[c], the reference line
+
+    def to_dict(self) -> dict[str, object]:
+        return {"layer": self.layer, "paper_name": self.paper_name, "groups": self.groups,
+                "class": self.target_class, "scores": [float(s) for s in self.scores],
+                "unmasked_score": self.unmasked_score}
