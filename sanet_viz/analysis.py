@@ -28,7 +28,7 @@ from .weights import IMAGENET_CATEGORIES, MODEL_SPECS, WeightsInfo, build_model
 
 __all__ = [
     "LoadedModel", "Lab", "AnalysisOptions", "Prediction", "ModelResult", "AnalysisResult",
-    "analyze", "resolve_device", "resolve_precision", "model_state_guard",
+    "analyze", "explain", "add_probes", "explain_model", "probe_model", "resolve_device", "resolve_precision", "model_state_guard",
 ]
 
 PROBE_LAYER = "layer4.2"  # SA_5_3
@@ -173,6 +173,7 @@ class ModelResult:
     sa_spatial_maps: np.ndarray | None  # (G, h, w) spatial gate maps of SA_5_3
     precision: str
     timings_ms: dict[str, float]
+    logits: np.ndarray  # (num_classes,) fp32 of the unmasked image
 
     def to_dict(self, cam_file: str | None = None) -> dict[str, Any]:
         layer_name = self.cam_layer
@@ -259,68 +260,99 @@ def _top5(logits: Tensor, categories: list[str]) -> list[Prediction]:
             for p, i in zip(top.values, top.indices)]
 
 
-def analyze_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOptions) -> ModelResult:
-    """Everything for one model; call it holding ``lm.lock`` (``analyze`` does)."""
+def explain_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOptions) -> ModelResult:
+    """The CAM pass for one model: logits, CAM, probe-layer group maps and SA gates.
+
+    One fp32 forward+backward serves all of them for single-pass CAM methods. Call it holding
+    ``lm.lock`` (``analyze`` does). The probe is left to :func:`probe_model`.
+    """
     timings: dict[str, float] = {}
     x = image.tensor.to(lm.device)
-    cam_layer = models.paper_name_to_module(options.cam_layer) if (options.cam_layer or "").startswith("SA_") \
-        else (options.cam_layer or lm.probe_layer)
-    precision = resolve_precision(options.precision, lm.device)
+    layer = options.cam_layer or lm.probe_layer
+    cam_layer = models.paper_name_to_module(layer) if layer.startswith("SA_") else layer
     keep_maps = [models.module_to_paper_name(lm.probe_layer)] if lm.has_sa else []
     gate_modules = lm.sa_modules if (options.gates and lm.has_sa) else {}
 
     with model_state_guard(lm.model):
         t = time.perf_counter()
-        capture = FeatureCapture(lm.model, [lm.probe_layer])
-        gates = SAGateRecorder(lm.model, gate_modules, keep_maps=keep_maps)
-        with capture, gates:
+        with FeatureCapture(lm.model, [lm.probe_layer]) as capture, \
+                SAGateRecorder(lm.model, gate_modules, keep_maps=keep_maps) as gates:
             if options.method in SINGLE_PASS_METHODS:
                 cam = compute_cam(lm.model, x, method=options.method, layer=cam_layer,
                                   target_class=options.target_class)
-            else:
+            else:  # multi-pass CAMs run many forwards: hook a plain one instead
                 with torch.no_grad():
                     lm.model(x)
-        if options.method not in SINGLE_PASS_METHODS:  # multi-pass CAMs would overwrite the hooks
+        if options.method not in SINGLE_PASS_METHODS:
             cam = compute_cam(lm.model, x, method=options.method, layer=cam_layer,
                               target_class=options.target_class)
-        timings["cam_forward_backward"] = (time.perf_counter() - t) * 1e3
+        timings["cam"] = (time.perf_counter() - t) * 1e3
 
-        features = capture.outputs[lm.probe_layer]
-        maps = group_maps(features, lm.probe_groups)
-        predicted = int(cam.logits.argmax(-1))
-        probe = None
-        if options.probe and (options.probe_models is None or lm.key in options.probe_models):
-            t = time.perf_counter()
-            masks = probe_masks(maps, tuple(x.shape[-2:]))
-            scores, preds = masked_scores(lm.probe_forward_model, x, masks, torch.tensor([predicted]),
-                                          batch_size=options.probe_batch_size, precision=precision)
-            unmasked = float(torch.softmax(cam.logits, -1)[0, predicted])
-            probe = GroupProbe(lm.probe_layer, _paper_or_none(lm.probe_layer) or lm.probe_layer,
-                               lm.probe_groups, predicted, scores[0].cpu(), preds[0].cpu(), unmasked)
-            timings["probe"] = (time.perf_counter() - t) * 1e3
-
-    sa_gates = None
-    sa_maps = None
+    sa_gates = sa_maps = None
     if gate_modules:
         sa_gates = {name: {"channel": gates.channel[name][0].cpu().numpy(),
                            "spatial": gates.spatial[name][0].cpu().numpy()} for name in gate_modules}
         sa_maps = gates.spatial_maps[keep_maps[0]][0].cpu().numpy() if keep_maps else None
+    logits = cam.logits[0].cpu()
     return ModelResult(
         key=lm.key, display_name=lm.display_name, weights=lm.weights,
         top5=_top5(cam.logits.cpu(), lm.categories), target_class=cam.target_class, cam=cam.cam,
-        cam_method=options.method, cam_layer=cam_layer, group_maps=maps[0].cpu().numpy(), probe=probe,
-        sa_gates=sa_gates, sa_spatial_maps=sa_maps, precision=precision, timings_ms=timings)
+        cam_method=options.method, cam_layer=cam_layer,
+        group_maps=group_maps(capture.outputs[lm.probe_layer], lm.probe_groups)[0].cpu().numpy(),
+        probe=None, sa_gates=sa_gates, sa_spatial_maps=sa_maps,
+        precision=resolve_precision(options.precision, lm.device), timings_ms=timings,
+        logits=logits.numpy())
+
+
+def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
+                options: AnalysisOptions) -> GroupProbe:
+    """The per-group probe from an explained result's group maps (hold ``lm.lock``)."""
+    t = time.perf_counter()
+    x = image.tensor.to(lm.device)
+    predicted = int(np.argmax(result.logits))
+    masks = probe_masks(torch.from_numpy(result.group_maps)[None].to(lm.device), tuple(x.shape[-2:]))
+    scores, preds = masked_scores(lm.probe_forward_model, x, masks, torch.tensor([predicted]),
+                                  batch_size=options.probe_batch_size,
+                                  precision=resolve_precision(options.precision, lm.device))
+    unmasked = float(torch.softmax(torch.from_numpy(result.logits), -1)[predicted])
+    result.timings_ms["probe"] = (time.perf_counter() - t) * 1e3
+    return GroupProbe(lm.probe_layer, _paper_or_none(lm.probe_layer) or lm.probe_layer, lm.probe_groups,
+                      predicted, scores[0].cpu(), preds[0].cpu(), unmasked)
+
+
+def _wants_probe(options: AnalysisOptions, key: str) -> bool:
+    return options.probe and (options.probe_models is None or key in options.probe_models)
+
+
+def explain(lab: Lab, image: PreparedImage, options: AnalysisOptions = AnalysisOptions(), *,
+            name: str = "image", model_keys: tuple[str, ...] | None = None) -> AnalysisResult:
+    """CAMs, predictions and gates of each model, without probes (the app's first, fast step)."""
+    start = time.perf_counter()
+    results: dict[str, ModelResult] = {}
+    for key, lm in lab.models.items():
+        if model_keys is None or key in model_keys:
+            with lm.lock:
+                results[key] = explain_model(lm, image, options)
+    return AnalysisResult(name, image.display, image.original_size, results, options,
+                          {"explain": (time.perf_counter() - start) * 1e3})
+
+
+def add_probes(lab: Lab, image: PreparedImage, result: AnalysisResult) -> AnalysisResult:
+    """Fill in the group probes of an :func:`explain` result (models chosen by its options)."""
+    start = time.perf_counter()
+    for key, mr in result.models.items():
+        if _wants_probe(result.options, key) and mr.probe is None:
+            lm = lab.models[key]
+            with lm.lock:
+                mr.probe = probe_model(lm, image, mr, result.options)
+    result.timings_ms["probes"] = (time.perf_counter() - start) * 1e3
+    return result
 
 
 def analyze(lab: Lab, image: PreparedImage, options: AnalysisOptions = AnalysisOptions(), *,
             name: str = "image", model_keys: tuple[str, ...] | None = None) -> AnalysisResult:
-    """Analyse one prepared image with each model (each under its own lock)."""
-    start = time.perf_counter()
-    results: dict[str, ModelResult] = {}
-    for key, lm in lab.models.items():
-        if model_keys is not None and key not in model_keys:
-            continue
-        with lm.lock:
-            results[key] = analyze_model(lm, image, options)
-    total = (time.perf_counter() - start) * 1e3
-    return AnalysisResult(name, image.display, image.original_size, results, options, {"total": total})
+    """Everything for one prepared image: :func:`explain`, then :func:`add_probes`."""
+    result = explain(lab, image, options, name=name, model_keys=model_keys)
+    add_probes(lab, image, result)
+    result.timings_ms["total"] = sum(result.timings_ms.values())
+    return result
