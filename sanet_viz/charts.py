@@ -16,7 +16,7 @@ from .analysis import AnalysisResult, ModelResult  # noqa: E402
 from .correlation import ClassCorrelation  # noqa: E402
 
 __all__ = ["overlay", "overlay_pair", "probe_chart", "group_grid", "gates_heatmap", "gates_lines",
-           "correlation_matrices", "correlation_vs_depth", "save", "CAM_CMAP", "BRANCH_COLOURS"]
+           "correlation_matrices", "correlation_vs_depth", "save", "to_image", "CAM_CMAP", "BRANCH_COLOURS"]
 
 CAM_CMAP = "jet"
 BRANCH_COLOURS = {"channel": "#1f77b4", "spatial": "#ff7f0e"}
@@ -177,6 +177,19 @@ def correlation_vs_depth(corr: ClassCorrelation, *, label: str = "") -> Figure:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def to_image(fig: Figure, *, dpi: int = 100) -> np.ndarray:
+    """Render ``fig`` to an RGB array and close it (figures left open pile up in a server)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def save(fig: Figure, path: str, *, dpi: int = 110) -> None:
