@@ -74,15 +74,17 @@ class LoadedModel:
     probe_layer: str = PROBE_LAYER
     probe_groups: int = PROBE_GROUPS
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # A copy with the channel shuffle folded into conv3/bn3, for the probe's masked forwards.
+    # For the probe's no-grad masked forwards: shuffle folded into conv3/bn3, BatchNorm fused
+    # into the convs, channels_last (models.inference_copy). CAM and hooks use ``model``.
     fast_model: nn.Module | None = field(default=None, repr=False)
+    use_fast_model: bool = True
 
     def __post_init__(self) -> None:
         self.model.to(self.device).eval().requires_grad_(False)
         self.sa_modules = models.sa_module_names(self.model)  # paper name -> module name
         resolve_module(self.model, self.probe_layer)  # fail early on a wrong probe layer
-        if self.fast_model is None and self.sa_modules:
-            self.fast_model = models.fold_channel_shuffle(self.model)  # type: ignore[arg-type]
+        if self.fast_model is None and self.use_fast_model:
+            self.fast_model = models.inference_copy(self.model, channels_last=True)
         if self.fast_model is not None:
             self.fast_model.to(self.device).eval().requires_grad_(False)
 
@@ -313,7 +315,8 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     masks = probe_masks(torch.from_numpy(result.group_maps)[None].to(lm.device), tuple(x.shape[-2:]))
     scores, preds = masked_scores(lm.probe_forward_model, x, masks, torch.tensor([predicted]),
                                   batch_size=options.probe_batch_size,
-                                  precision=resolve_precision(options.precision, lm.device))
+                                  precision=resolve_precision(options.precision, lm.device),
+                                  channels_last=lm.fast_model is not None)
     unmasked = float(torch.softmax(torch.from_numpy(result.logits), -1)[predicted])
     result.timings_ms["probe"] = (time.perf_counter() - t) * 1e3
     return GroupProbe(lm.probe_layer, _paper_or_none(lm.probe_layer) or lm.probe_layer, lm.probe_groups,

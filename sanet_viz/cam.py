@@ -58,11 +58,24 @@ def compute_cam(model: nn.Module, x: Tensor, *, method: str = "gradcam", layer: 
     kwargs = {"batch_size": batch_size} if cls is AblationCAM else {}
     x = x.detach().float().requires_grad_(True)
     targets = None if target_class is None else [ClassifierOutputTarget(target_class)]
-    with torch.enable_grad(), cls(model=model, target_layers=[target_layer], **kwargs) as cam:
+    # BaseCAM puts the model in eval mode and zero_grad()s it, then backward() fills the .grad of
+    # any trainable parameter: put modes and .grad back as they were. Its context manager would
+    # also swallow an IndexError (e.g. a class index past the model's outputs), so release by hand.
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    cam = cls(model=model, target_layers=[target_layer], **kwargs)
+    try:
         if cls is ScoreCAM:
             cam.batch_size = batch_size
-        grayscale = cam(input_tensor=x, targets=targets)
+        with torch.enable_grad():
+            grayscale = cam(input_tensor=x, targets=targets)
         # BaseCAM keeps the logits of its first forward, the unmodified input, for every method.
         logits = cam.outputs.detach().float()
+    finally:
+        cam.activations_and_grads.release()
+        for m, training in modes:
+            m.training = training
+        for p, grad in grads:
+            p.grad = grad
     target = int(logits.argmax(-1)) if target_class is None else target_class
     return CamOutput(np.asarray(grayscale[0], dtype=np.float32), logits, target)

@@ -12,14 +12,22 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resnet50", metavar="SPEC", help="ResNet50 weights: path, URL, hf://owner/repo/file "
+def _add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    # suppress: for sub-commands of a parser that has the same options (``weights [show] --json``),
+    # so that an option not given after the sub-command keeps the value given before it.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--resnet50", metavar="SPEC", default=default(None),
+                   help="ResNet50 weights: path, URL, hf://owner/repo/file "
                    "or 'untrained' (default: $SANET_VIZ_RESNET50, weights/, torchvision's download)")
-    p.add_argument("--sanet50", metavar="SPEC", help="SANet50 weights: path, URL, hf://owner/repo/file "
+    p.add_argument("--sanet50", metavar="SPEC", default=default(None),
+                   help="SANet50 weights: path, URL, hf://owner/repo/file "
                    "or 'untrained' (default: $SANET_VIZ_SANET50, then weights/sa_resnet50.pth.tar)")
-    p.add_argument("--weights-dir", type=Path, help="folder searched for weights files (default: weights/)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
-    p.add_argument("--require-pretrained", action="store_true",
+    p.add_argument("--weights-dir", type=Path, default=default(None),
+                   help="folder searched for weights files (default: weights/)")
+    p.add_argument("--device", default=default("auto"), help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
+    p.add_argument("--require-pretrained", action="store_true", default=default(False),
                    help="fail instead of running a model with untrained weights")
 
 
@@ -45,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--probe-batch-size", type=int, default=16)
 
     w = sub.add_parser("weights", help="where each model's weights come from; fetch; convert")
+    _add_model_args(w)
+    w.add_argument("--json", action="store_true", help="print the report as JSON (the table goes to stderr)")
     wsub = w.add_subparsers(dest="weights_command")
     for name, text in (("show", "sources, sha256 and pretrained status (default)"),
                        ("fetch", "download what can be downloaded")):
         wp = wsub.add_parser(name, help=text)
-        _add_model_args(wp)
-        wp.add_argument("--json", action="store_true", help="print the report as JSON")
+        _add_model_args(wp, suppress=True)
+        wp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the report as JSON (the table goes to stderr)")
     cv = wsub.add_parser("convert", help="write a checkpoint as .safetensors (prefixes stripped)")
     cv.add_argument("source", type=Path)
     cv.add_argument("dest", type=Path)
@@ -160,9 +171,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
         mark = "pretrained" if entry["pretrained"] else "UNTRAINED"
         print(f"{spec.display_name:9s} {mark:10s} {entry['kind']:11s} {entry['location']}"
               + (f"\n{'':32s}sha256 {entry['sha256']}" if entry.get("sha256") else "")
-              + (f"\n{'':32s}{source.reason}" if source.kind == "untrained" else ""))
+              + (f"\n{'':32s}{source.reason}" if source.kind == "untrained" else ""),
+              file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2))
+    untrained = [MODEL_SPECS[k].display_name for k, e in report.items() if not e["pretrained"]]
+    if getattr(args, "require_pretrained", False) and untrained:
+        _error(f"no pretrained weights for {' and '.join(untrained)} (--require-pretrained)")
+        status = 1
     return status
 
 

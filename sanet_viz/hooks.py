@@ -17,12 +17,14 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``; accepts paper names (``SA_5_3`` -> ``layer4.2``)."""
     from .models import paper_name_to_module
 
+    asked = name
     if name.startswith("SA_"):
         name = paper_name_to_module(name)
     modules = dict(model.named_modules())
     if name not in modules:
         blocks = [n for n in modules if n.count(".") == 1 and n.startswith("layer")]
-        raise ValueError(f"{type(model).__name__} has no module {name!r}; bottlenecks are "
+        shown = repr(name) if asked == name else f"{asked!r} ({name})"
+        raise ValueError(f"{type(model).__name__} has no module {shown}; bottlenecks are "
                          f"{', '.join(blocks[:3])} ... {blocks[-1] if blocks else ''}")
     return modules[name]
 

@@ -30,6 +30,7 @@ __all__ = [
     "module_to_paper_name",
     "bottleneck_names",
     "fold_channel_shuffle",
+    "inference_copy",
 ]
 
 SA_GROUPS = 64
@@ -233,8 +234,8 @@ def resnet50(*, num_classes: int = 1000) -> tv_resnet.ResNet:
 # ---------------------------------------------------------------------------------------------
 # Paper names: SA_s_b = stage s (2..5 = layer1..layer4), block b (1-based).
 
-_PAPER_RE = re.compile(r"^SA_([2-9])_(\d+)$")
-_MODULE_RE = re.compile(r"^layer([1-9])\.(\d+)(?:\.sa)?$")
+_PAPER_RE = re.compile(r"^SA_([2-5])_([1-9]\d*)$")  # ResNets have stages 2..5; blocks count from 1
+_MODULE_RE = re.compile(r"^layer([1-4])\.(\d+)(?:\.sa)?$")
 
 
 def paper_name_to_module(name: str) -> str:
@@ -272,6 +273,36 @@ def _iter_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 # ---------------------------------------------------------------------------------------------
 # Inference-time folding of the channel shuffle into conv3/bn3 (issue: fast analysis).
+
+@torch.no_grad()
+def inference_copy(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+    """A copy for no-grad forwards: shuffle folded (SA models), BatchNorm fused into the convs.
+
+    Same logits and block outputs as ``model`` up to float rounding; the argument is untouched.
+    Its module tree differs (BN layers become Identity): hook the original, not this copy.
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fast = fold_channel_shuffle(model) if sa_module_names(model) else copy.deepcopy(model).eval()
+    pairs = [(fast, "conv1", "bn1")]
+    for _, block in _iter_blocks(fast):
+        pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        if getattr(block, "downsample", None) is not None:
+            pairs.append((block.downsample, "0", "1"))
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name) if conv_name != "0" else parent[0], \
+            getattr(parent, bn_name) if bn_name != "1" else parent[1]
+        fused = fuse_conv_bn_eval(conv, bn)
+        if conv_name == "0":
+            parent[0], parent[1] = fused, nn.Identity()
+        else:
+            setattr(parent, conv_name, fused)
+            setattr(parent, bn_name, nn.Identity())
+    fast.requires_grad_(False)
+    return fast.to(memory_format=torch.channels_last) if channels_last else fast
+
 
 @torch.no_grad()
 def fold_channel_shuffle(model: SAResNet) -> SAResNet:

@@ -55,11 +55,13 @@ def autocast_for(device: torch.device, precision: str) -> Iterator[None]:
 
 @torch.no_grad()
 def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *,
-                  batch_size: int = 16, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+                  batch_size: int = 16, precision: str = "fp32",
+                  channels_last: bool = False) -> tuple[Tensor, Tensor]:
     """Softmax score of ``classes`` and the argmax for every masked input ``x[n] * masks[n, k]``.
 
     ``x`` (N, 3, H, W), ``masks`` (N, G, H, W), ``classes`` (N,) -> scores (N, G) fp32 and
     predictions (N, G). Masked inputs are built ``batch_size`` at a time, so memory stays bounded.
+    ``channels_last`` lays each batch out for a model converted to channels_last.
     """
     n, g = masks.shape[:2]
     flat_index = torch.arange(n * g, device=x.device)
@@ -69,6 +71,8 @@ def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *
     for chunk in flat_index.split(batch_size):
         image_idx, group_idx = chunk // g, chunk % g
         batch = x[image_idx] * masks[image_idx, group_idx].unsqueeze(1).to(x.dtype)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast_for(x.device, precision):
             logits = model(batch)
         probs = torch.softmax(logits.float(), dim=-1)

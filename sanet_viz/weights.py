@@ -243,12 +243,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     with open(path, "rb") as f:
         head = f.read(16)
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             state: Any = load_file(str(path))
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
     else:
         try:
@@ -256,8 +256,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         except pickle.UnpicklingError as exc:
             raise WeightsError(f"{path}: refused: the file holds objects other than tensors "
                                f"(weights_only loading failed: {str(exc).splitlines()[0]})") from exc
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+                IndexError, KeyError, TypeError) as exc:  # the unpickler's errors on garbage input
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc!r})") from exc
     if isinstance(state, Mapping) and "state_dict" in state:  # the official training script's dict
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
