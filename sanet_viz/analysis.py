@@ -340,15 +340,18 @@ def explain(lab: Lab, image: PreparedImage, options: AnalysisOptions = AnalysisO
                           {"explain": (time.perf_counter() - start) * 1e3})
 
 
-def add_probes(lab: Lab, image: PreparedImage, result: AnalysisResult) -> AnalysisResult:
+def add_probes(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
+               model_keys: tuple[str, ...] | None = None) -> AnalysisResult:
     """Fill in the group probes of an :func:`explain` result (models chosen by its options)."""
     start = time.perf_counter()
     for key, mr in result.models.items():
+        if model_keys is not None and key not in model_keys:
+            continue
         if _wants_probe(result.options, key) and mr.probe is None:
             lm = lab.models[key]
             with lm.lock:
                 mr.probe = probe_model(lm, image, mr, result.options)
-    result.timings_ms["probes"] = (time.perf_counter() - start) * 1e3
+    result.timings_ms["probes"] = result.timings_ms.get("probes", 0.0) + (time.perf_counter() - start) * 1e3
     return result
 
 
