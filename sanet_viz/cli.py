@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("dest", type=Path)
     cv.add_argument("--model", choices=["resnet50", "sanet50"], help="check the keys against this model")
     w.set_defaults(weights_command="show")
+
+    from .reproduce import add_reproduce_parser
+
+    add_reproduce_parser(sub)
     return parser
 
 
@@ -194,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_analyze(args)
         if args.command == "weights":
             return cmd_weights(args)
+        if args.command == "reproduce":
+            from .reproduce import cmd_reproduce
+
+            return cmd_reproduce(args)
     except (WeightsError, ImageDecodeError, ValueError, FileNotFoundError) as exc:
         _error(str(exc))
         return 2
