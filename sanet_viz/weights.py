@@ -311,6 +311,15 @@ def build_model(spec: ModelSpec, explicit: str | None = None, *, weights_dir: Pa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.builder()
+    if source.kind == "torchvision":
+        # The automatic download is the last resort before untrained weights: a host without
+        # internet still starts (untrained, saying why). An explicit URL that fails stays an error.
+        try:
+            fetch(source, progress=progress)
+        except WeightsError as exc:
+            source = WeightsSource("untrained", "untrained",
+                                   f"{exc}; put {spec.weights.filenames[0]} in the weights folder or set "
+                                   f"SANET_VIZ_OFFLINE=1 to skip the download")
     if source.kind == "untrained":
         if require_pretrained:
             raise WeightsError(f"{spec.display_name}: {source.reason} (--require-pretrained)")

@@ -381,3 +381,30 @@ def test_parse_hf_spec() -> None:
     for bad in ("hf://owner/repo", "hf://owner//file.pth", "hf://", "hf://owner/repo/"):
         with pytest.raises(WeightsError, match=re.escape(bad)):
             weights.parse_hf_spec(bad)
+
+
+def test_failed_torchvision_download_falls_back_to_untrained(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """No weights and no internet: the app must still start, untrained, saying why."""
+    from sanet_viz import weights
+
+    monkeypatch.delenv("SANET_VIZ_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("SANET_VIZ_RESNET50", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    calls = []
+
+    def unreachable(url: str, dst: str, progress: bool = True) -> None:
+        calls.append(url)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    model, info = weights.build_model(weights.MODEL_SPECS["resnet50"], weights_dir=tmp_path)
+    assert calls == [weights.MODEL_SPECS["resnet50"].weights.url]
+    assert info.pretrained is False
+    assert "download failed" in info.note and "network is unreachable" in info.note
+    with pytest.raises(weights.WeightsError, match="download failed"):
+        weights.build_model(weights.MODEL_SPECS["resnet50"], weights_dir=tmp_path, require_pretrained=True)
+    # An explicit URL that fails is the user's request: an error, not a silent fallback.
+    with pytest.raises(weights.WeightsError, match="download failed"):
+        weights.build_model(weights.MODEL_SPECS["resnet50"], "https://example.invalid/r.pth", weights_dir=tmp_path)
