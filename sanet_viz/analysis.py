@@ -7,6 +7,7 @@ the 64 masked forwards of the group probe run batched, optionally in bf16.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -80,6 +81,7 @@ class LoadedModel:
     use_fast_model: bool = True
 
     def __post_init__(self) -> None:
+        self._fast_model_bf16: nn.Module | None = None
         self.model.to(self.device).eval().requires_grad_(False)
         self.sa_modules = models.sa_module_names(self.model)  # paper name -> module name
         resolve_module(self.model, self.probe_layer)  # fail early on a wrong probe layer
@@ -91,6 +93,18 @@ class LoadedModel:
     @property
     def probe_forward_model(self) -> nn.Module:
         return self.fast_model if self.fast_model is not None else self.model
+
+    def probe_model_for(self, precision: str) -> nn.Module:
+        """The model for masked forwards at ``precision``; call it holding ``lock``.
+
+        bf16 uses a copy with bf16 weights (made on first use): autocast would cast every
+        convolution's weights again on each forward.
+        """
+        if precision != "bf16" or self.fast_model is None:
+            return self.probe_forward_model
+        if self._fast_model_bf16 is None:
+            self._fast_model_bf16 = copy.deepcopy(self.fast_model).to(torch.bfloat16)
+        return self._fast_model_bf16
 
     @property
     def has_sa(self) -> bool:
@@ -313,9 +327,9 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     x = image.tensor.to(lm.device)
     predicted = int(np.argmax(result.logits))
     masks = probe_masks(torch.from_numpy(result.group_maps)[None].to(lm.device), tuple(x.shape[-2:]))
-    scores, preds = masked_scores(lm.probe_forward_model, x, masks, torch.tensor([predicted]),
-                                  batch_size=options.probe_batch_size,
-                                  precision=resolve_precision(options.precision, lm.device),
+    precision = resolve_precision(options.precision, lm.device)
+    scores, preds = masked_scores(lm.probe_model_for(precision), x, masks, torch.tensor([predicted]),
+                                  batch_size=options.probe_batch_size, precision=precision,
                                   channels_last=lm.fast_model is not None)
     unmasked = float(torch.softmax(torch.from_numpy(result.logits), -1)[predicted])
     result.timings_ms["probe"] = (time.perf_counter() - t) * 1e3

@@ -122,16 +122,19 @@ class FoldedShuffleAttention(nn.Module):
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
 
     def _coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        stats = x.float()
-        var, mean = torch.var_mean(stats, dim=(2, 3), keepdim=True, correction=0)
+        # Statistics straight from x (reductions accumulate in fp32 even for bf16 inputs): no
+        # upcast copy of the whole activation; the (N, C) coefficients are then formed in fp32.
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        var, mean = var.float(), mean.float()
         rstd = torch.rsqrt(var + self.eps)
-        a = self.w_norm * rstd
-        b = self.bias + self.w_mean * mean - a * mean
+        a = self.w_norm.float() * rstd
+        b = self.bias.float() + self.w_mean.float() * mean - a * mean
         return a.to(x.dtype), b.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self._coefficients(x)
-        return x * torch.sigmoid(torch.addcmul(b, a, x))
+        # Three passes over x, one new tensor: gate = sigmoid(a * x + b), then gate * x in place.
+        return torch.addcmul(b, a, x).sigmoid_().mul_(x)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Same contract as :meth:`ShuffleAttention.gates` (paper group order)."""

@@ -68,13 +68,19 @@ def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *
     scores = torch.empty(n * g, device=x.device)
     preds = torch.empty(n * g, dtype=torch.long, device=x.device)
     flat_classes = classes.to(x.device).repeat_interleave(g)
+    # A model already in bf16 takes bf16 inputs directly; an fp32 model runs under autocast.
+    model_dtype = next(model.parameters()).dtype
+    cast_inputs = model_dtype != torch.float32
     for chunk in flat_index.split(batch_size):
         image_idx, group_idx = chunk // g, chunk % g
         batch = x[image_idx] * masks[image_idx, group_idx].unsqueeze(1).to(x.dtype)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast_for(x.device, precision):
-            logits = model(batch)
+        if cast_inputs:
+            logits = model(batch.to(model_dtype))
+        else:
+            with autocast_for(x.device, precision):
+                logits = model(batch)
         probs = torch.softmax(logits.float(), dim=-1)
         scores[chunk] = probs.gather(1, flat_classes[chunk, None]).squeeze(1)
         preds[chunk] = probs.argmax(-1)

@@ -102,17 +102,24 @@ def test_bf16_probe_on_the_inference_copy_matches_fp32(trained: SAResNet) -> Non
     """The fast path (shuffle folded, BN fused, channels_last, bf16) keeps the probe's numbers."""
     from scipy.stats import spearmanr
 
-    from sanet_viz.models import inference_copy
+    from sanet_viz.analysis import LoadedModel
+    from sanet_viz.weights import WeightsInfo
 
-    fast = inference_copy(trained, channels_last=True)
+    lm = LoadedModel("sanet50", "small SA-ResNet", trained, WeightsInfo("trained in the test", True),
+                     probe_layer="layer4.0")
+    fast, fast_bf16 = lm.probe_model_for("fp32"), lm.probe_model_for("bf16")
+    assert next(fast_bf16.parameters()).dtype == torch.bfloat16
     images, _, _ = make_batch(8, torch.Generator().manual_seed(99))
     with torch.no_grad(), FeatureCapture(trained, ["layer4.0"]) as capture:
         predicted = trained(images).argmax(-1)
     masks = probe_masks(group_maps(capture.outputs["layer4.0"], 64), (SIZE, SIZE))
     exact, _ = masked_scores(trained, images, masks, predicted, batch_size=64)
     fast_fp32, _ = masked_scores(fast, images, masks, predicted, batch_size=64, channels_last=True)
-    fast_bf16, _ = masked_scores(fast, images, masks, predicted, batch_size=64, channels_last=True,
+    fast_bf16, _ = masked_scores(fast_bf16, images, masks, predicted, batch_size=64, channels_last=True,
                                  precision="bf16")
+    autocast_bf16, _ = masked_scores(fast, images, masks, predicted, batch_size=64, channels_last=True,
+                                     precision="bf16")
+    assert (autocast_bf16 - exact).abs().max() <= 0.02
     assert torch.allclose(fast_fp32, exact, atol=1e-4)
     assert (fast_bf16 - exact).abs().max() <= 0.02
     for a, b in zip(exact, fast_bf16):
