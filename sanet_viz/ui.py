@@ -6,6 +6,10 @@ belongs to one visitor (the image, the last result) lives in ``gr.State``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -28,8 +32,9 @@ from .models import module_to_paper_name
 from .preprocessing import DecodeLimits, ImageDecodeError, PreparedImage, load_and_prepare
 from .weights import IMAGENET_CATEGORIES
 
-__all__ = ["build_demo", "AppSettings", "THEME", "CSS", "class_choices", "layer_choices"]
+__all__ = ["build_demo", "AppSettings", "THEME", "CSS", "class_choices", "layer_choices", "UploadedImage"]
 
+log = logging.getLogger("sanet-viz")
 PREDICTED = "predicted"
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -49,6 +54,8 @@ class AppSettings:
     output_ttl_s: float = 3600.0
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     max_correlation_images: int = 48
+    cache_ttl_s: int = 3600  # Gradio's copies of uploads and outputs are deleted after this
+    concurrency: int = 2  # analyses running at once; more wait in the queue
     profiles: Any = None  # per-class reference profiles from `reproduce` (optional)
 
 
@@ -59,6 +66,54 @@ class Session:
     image_key: str = ""
     image: PreparedImage | None = None
     result: AnalysisResult | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads
+
+class UploadedImage(gr.Image):
+    """``gr.Image`` whose upload reaches our decoder as the file that was sent.
+
+    Gradio's own preprocessing opens the upload with PIL and converts its mode: a file that is not
+    a picture fails there with an unclear error, and 16-bit or transparent pictures are changed
+    before we see them. Here the uploaded path goes through untouched, so
+    :func:`preprocessing.decode_image` decides and names the file in its message. The browser
+    side is the usual Image component: as a Gradio template it keeps gr.Image's block name and
+    constructor (whose parameters are the props the browser gets).
+    """
+
+    is_template = True
+    max_bytes: int | None = None  # for pictures pasted as data URLs; set after construction
+
+    def get_block_name(self) -> str:
+        return "image"
+
+    def preprocess(self, payload: Any) -> str | None:  # type: ignore[override]
+        if payload is None:
+            return None
+        url = getattr(payload, "url", None) or ""
+        if url.startswith("data:"):  # a pasted or webcam picture sent inline
+            return self._save_data_url(url)
+        if not getattr(payload, "path", None):
+            raise gr.Error("The upload did not arrive; please add the image again.",
+                           print_exception=False)
+        return str(payload.path)
+
+    def _save_data_url(self, url: str) -> str:
+        body = url.partition(",")[2]
+        if self.max_bytes is not None and len(body) * 3 // 4 > self.max_bytes:
+            raise gr.Error(f"pasted image: over the upload limit of {self.max_bytes / 2**20:g} MiB",
+                           print_exception=False)
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise gr.Error("pasted image: not valid base64 data", print_exception=False) from None
+        folder = Path(self.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "pasted-image"
+        path.write_bytes(data)
+        self.temp_files.add(str(path))  # deleted on schedule (Blocks delete_cache, app.py's janitor)
+        return str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,12 +211,31 @@ def group_detail_view(result: AnalysisResult, k: int) -> tuple[np.ndarray | None
     return picture, "\n".join(text)
 
 
-def depth_view(result: AnalysisResult) -> list[Any]:
+def depth_view(result: AnalysisResult, profiles: Any = None) -> list[Any]:
+    """Gates heatmap, per-stage lines, and the nearest reference classes when profiles are loaded."""
     sanet = result.models.get("sanet50")
     if sanet is None or not sanet.sa_gates:
-        return [None, None]
+        return [None, None, ""]
     return [charts.to_image(charts.gates_heatmap(sanet.sa_gates, title="SANet50: SA gates across depth")),
-            charts.to_image(charts.gates_lines(sanet.sa_gates))]
+            charts.to_image(charts.gates_lines(sanet.sa_gates)), nearest_view(sanet.sa_gates, profiles)]
+
+
+def nearest_view(sa_gates: dict[str, dict[str, np.ndarray]], profiles: Any) -> str:
+    """Per depth, the reference classes whose mean SA profile correlates best with this image's."""
+    if profiles is None:
+        return ("*Nearest classes: start the app with `--profiles OUT/profiles.npz` (written by "
+                "`python -m sanet_viz reproduce`) to compare this image with per-class SA profiles.*")
+    from .reproduce import nearest_classes_for
+
+    nearest = nearest_classes_for(sa_gates, profiles, k=3)
+    source = "pretrained" if profiles.pretrained else "**UNTRAINED**"
+    lines = [f"**Nearest classes by SA profile** (reference: {len(profiles.classes)} classes from "
+             f"{profiles.images} images, {source} {profiles.model}):", "",
+             "| depth | 1st | 2nd | 3rd |", "|---|---|---|---|"]
+    for depth, entries in nearest.items():
+        cells = [f"{e.label} ({e.r:.2f})" for e in entries] + [""] * (3 - len(entries))
+        lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,13 +249,19 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
 
     def prepare_input(path: str | None, session: Session) -> Session:
         if not path:
-            raise gr.Error("Add an image first: upload, drop, paste, use the webcam, or pick an example.")
-        key = f"{path}:{os.path.getmtime(path) if os.path.exists(path) else ''}"
+            raise gr.Error("Add an image first: upload, drop, paste, use the webcam, or pick an example.",
+                           print_exception=False)
+        try:
+            key = f"{path}:{os.path.getmtime(path)}"
+        except OSError:
+            raise gr.Error(f"{Path(path).name}: the upload is no longer on the server; add it again.",
+                           print_exception=False) from None
         if key != session.image_key or session.image is None:
             try:
                 image = load_and_prepare(path, limits=settings.limits, name=Path(path).name)
-            except ImageDecodeError as exc:
-                raise gr.Error(str(exc)) from None
+            except ImageDecodeError as exc:  # the visitor's file: a message for them, one log line here
+                log.info("refused upload: %s", exc)
+                raise gr.Error(str(exc), print_exception=False) from None
             session = Session(key, image, None)
         return session
 
@@ -208,12 +288,19 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                 if key in previous.models:
                     mr.probe = previous.models[key].probe
         session.result = result
-        pending = [gr.update(), gr.update()]
-        yield [session, *compare_view(result, opacity), *pending, *depth_view(result), gr.update(), gr.update()]
-        progress(0.5, desc="Group probes: 64 masked forwards per model")
+        keep = [gr.update()] * 7  # groups, probe, gates heatmap, gates lines, nearest, JSON, zip: not yet
+        yield [session, *compare_view(result, opacity), *keep]
+        # SANet50's probe first (the paper's subject), then the ResNet50 baseline.
+        progress(0.4, desc="SANet50 group probes: 64 masked forwards")
+        add_probes(lab, session.image, result, model_keys=("sanet50",))
+        yield [session, *[gr.update()] * 6, *groups_view(result), *depth_view(result, settings.profiles), gr.update(),
+               gr.update()]
+        progress(0.7, desc="ResNet50 group probes: 64 masked forwards")
         add_probes(lab, session.image, result)
         data, archive = save_outputs(result)
-        yield [session, *compare_view(result, opacity), *groups_view(result), *depth_view(result), data, archive]
+        # The last message is what API clients get: make it complete.
+        yield [session, *compare_view(result, opacity), *groups_view(result), *depth_view(result, settings.profiles),
+               data, archive]
 
     def rerender(opacity: float, session: Session | None) -> list[Any]:
         if session is None or session.result is None:
@@ -248,6 +335,9 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
             gates.append(sanet.sa_gates)
             labels.append(label)
             rows.append([name, label, f"{predicted.index}: {predicted.label} ({predicted.prob:.1%})"])
+        if len(rows) < 2:
+            raise gr.Error("Fewer than two of the files are pictures that can be analysed. "
+                           + "; ".join(skipped), print_exception=False)
         if len(set(labels)) < 2:
             raise gr.Error("The images fall into fewer than two classes: add images of another class or "
                            "give labels (one per line, in upload order).")
@@ -261,7 +351,10 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                 charts.to_image(charts.correlation_matrices(corr, class_names=[str(c) for c in corr.classes])),
                 rows, "\n\n".join(note))
 
-    with gr.Blocks(title="sanet-viz: Shuffle Attention vs ResNet50", delete_cache=(1800, 3600)) as demo:
+    # Gradio deletes its copies of uploads and outputs older than cache_ttl_s, checking every half of it.
+    cache_every = max(1, min(1800, settings.cache_ttl_s // 2))
+    with gr.Blocks(title="sanet-viz: Shuffle Attention vs ResNet50",
+                   delete_cache=(cache_every, settings.cache_ttl_s)) as demo:
         session = gr.State(None)
         gr.Markdown("# sanet-viz: what Shuffle Attention changes inside ResNet50\n"
                     "Grad-CAM of ResNet50 and SANet50 (SA-Net, ICASSP 2021) side by side, the 64 group "
@@ -270,8 +363,9 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                     elem_id="weights-banner")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                image_in = gr.Image(type="filepath", label="Image", sources=["upload", "webcam", "clipboard"],
-                                    height=300, elem_id="image-input")
+                image_in = UploadedImage(type="filepath", label="Image", height=300, elem_id="image-input",
+                                         sources=["upload", "webcam", "clipboard"])
+                image_in.max_bytes = settings.limits.max_bytes
                 if examples:
                     gr.Examples(examples=examples, inputs=image_in, label="Examples (CC0 / public domain)")
                 analyse = gr.Button("Analyse", variant="primary", elem_id="analyse-button")
@@ -309,11 +403,14 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                                              elem_id="gates-heatmap")
                         gates_lines = gr.Image(label="Mean gates per SA module", interactive=False,
                                                elem_id="gates-lines")
+                        nearest_md = gr.Markdown(elem_id="nearest-classes")
                     with gr.Tab("Class correlation", id="correlation"):
                         gr.Markdown("Upload images of several classes. Per SA depth, the class x class "
                                     "correlation of mean SA gate profiles: the paper reports group importance "
                                     "shared across classes early and class-specific late.")
-                        corr_files = gr.File(file_count="multiple", file_types=["image"], label="Images",
+                        # No file_types: Gradio would refuse a real picture with an odd or missing
+                        # extension; the decoder decides and names each file it skips.
+                        corr_files = gr.File(file_count="multiple", label="Images",
                                              elem_id="correlation-files")
                         corr_labels = gr.Textbox(lines=3, label="Labels (optional, one per line in upload "
                                                  "order; blank lines use the predicted class)")
@@ -330,12 +427,12 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                         result_json = gr.JSON(label="result.json")
 
         outputs = [session, r_img, r_lab, r_txt, s_img, s_lab, s_txt, grid, probe, gates_img, gates_lines,
-                   result_json, download]
+                   nearest_md, result_json, download]
         inputs = [image_in, method, target, layer, opacity, session]
         # Progress shows on the probe views only: the heatmaps stay visible once they arrive.
         progress_on = [grid, probe]
-        analyse.click(run_analysis, inputs, outputs, api_name="analyze", concurrency_limit=2,
-                      concurrency_id="models", show_progress_on=progress_on).then(
+        analyse.click(run_analysis, inputs, outputs, api_name="analyze", concurrency_id="models",
+                      concurrency_limit=settings.concurrency, show_progress_on=progress_on).then(
             show_group, [group_k, session], [group_img, group_txt], api_visibility="private")
         for control in (method, target, layer):
             control.change(run_analysis, inputs, outputs, api_visibility="private", concurrency_id="models",
