@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,10 +16,38 @@ from torchvision.transforms import functional as TF
 
 from .weights import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ImageDecodeError", "DecodeLimits", "decode_image", "PreparedImage", "prepare", "DEFAULT_LIMITS"]
+__all__ = ["ImageDecodeError", "DecodeLimits", "decode_image", "PreparedImage", "prepare", "DEFAULT_LIMITS",
+           "SUPPORTED_FORMATS", "parse_size"]
 
 # A truncated file must fail loudly, not be padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Only these decoders ever see uploaded bytes. PIL knows ~40 formats; several are rarely used,
+# weakly identified (TGA has no magic number, so random bytes "open" as one) or hand data to
+# outside programs (EPS runs Ghostscript). The MPO pictures of phones are opened by "JPEG".
+_WANTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF")
+Image.init()
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+_SUPPORTED_TEXT = ", ".join("PNM" if f == "PPM" else f for f in SUPPORTED_FORMATS)
+
+_SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``20mb``, ``512KB``, ``1.5gb`` or ``1048576`` (units are powers of 1024, as in Gradio)."""
+    if isinstance(text, int):
+        return text
+    cleaned = str(text).replace(" ", "").upper()
+    digits = len(cleaned) - len(cleaned.lstrip("0123456789."))
+    number, unit = cleaned[:digits], cleaned[digits:] or "B"
+    if not number or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 20mb, 512kb, 1048576)")
+    return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _default_max_bytes() -> int:
+    text = os.environ.get("SANET_VIZ_MAX_FILE_SIZE") or os.environ.get("SANET_VIZ_MAX_FILE_BYTES")
+    return parse_size(text) if text else 50 * 1024 * 1024
 
 
 class ImageDecodeError(ValueError):
@@ -30,7 +57,7 @@ class ImageDecodeError(ValueError):
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = int(os.environ.get("SANET_VIZ_MAX_PIXELS", 50_000_000))
-    max_bytes: int = int(os.environ.get("SANET_VIZ_MAX_FILE_BYTES", 50 * 1024 * 1024))
+    max_bytes: int = _default_max_bytes()
     max_aspect: float = 100.0  # width/height beyond this leaves no content after the centre crop
 
 
@@ -53,40 +80,90 @@ def decode_image(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS,
 
     EXIF orientation is applied; the first frame of animations and multi-page files is used;
     16-bit, float, palette, CMYK and alpha images become 8-bit RGB (alpha over white). Raises
-    :class:`ImageDecodeError` for anything else, including files over the byte or pixel limit.
+    :class:`ImageDecodeError`, and nothing else, for anything else: files that are not pictures
+    in a supported format, corrupt or truncated files, and files over the byte or pixel limits
+    (checked on the header, before any pixel is decoded).
     """
-    label = name or _name_of(source)
+    label = str(name or _name_of(source))
     if isinstance(source, Image.Image):
         image = source
     else:
-        data = _read_bytes(source, label, limits)
-        if not data:
-            raise ImageDecodeError(f"{label}: empty file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageDecodeError(f"{label}: not a supported image ({_short(exc)})") from exc
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's parsers raise these on bad headers
-            raise ImageDecodeError(f"{label}: not a readable image ({_short(exc)})") from exc
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageDecodeError(f"{label}: image has no pixels ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise ImageDecodeError(f"{label}: {width}x{height} pixels is over the limit of "
-                               f"{limits.max_pixels:,} (SANET_VIZ_MAX_PIXELS)")
-    if max(width / height, height / width) > limits.max_aspect:
-        raise ImageDecodeError(f"{label}: aspect ratio {width}x{height} is too extreme "
-                               f"(over {limits.max_aspect:g}:1) to classify a centre crop")
+        image = _open(_read_bytes(source, label, limits), label, limits)
     try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageDecodeError(f"{label}: image has no pixels ({width}x{height})")
+        if width * height > limits.max_pixels:
+            raise ImageDecodeError(f"{label}: {width}x{height} pixels is over the limit of "
+                                   f"{limits.max_pixels:,} pixels (SANET_VIZ_MAX_PIXELS)")
+        if max(width / height, height / width) > limits.max_aspect:
+            raise ImageDecodeError(f"{label}: aspect ratio {width}x{height} is too extreme "
+                                   f"(over {limits.max_aspect:g}:1) to classify a centre crop")
+        # Opening leaves animations and multi-page files on their first frame: load only that
+        # (asking for n_frames would walk every frame of the file).
         image.load()
         image = ImageOps.exif_transpose(image) or image
         return _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+    except ImageDecodeError:
+        raise
+    except MemoryError as exc:
+        raise ImageDecodeError(f"{label}: too large to decode in the memory available") from exc
+    except Exception as exc:  # noqa: BLE001 - hostile bytes reach PIL's decoders: any failure is a bad file
         raise ImageDecodeError(f"{label}: corrupt or truncated image ({_short(exc)})") from exc
+
+
+def _open(data: bytes, label: str, limits: DecodeLimits) -> Image.Image:
+    if not data:
+        raise ImageDecodeError(f"{label}: empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice Image.MAX_IMAGE_PIXELS
+        raise ImageDecodeError(f"{label}: declares far more pixels than the limit of {limits.max_pixels:,} "
+                               f"(SANET_VIZ_MAX_PIXELS): refused as a decompression bomb") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{label}: not a picture in a supported format ({_what_is(data)}); "
+                               f"supported: {_SUPPORTED_TEXT}") from exc
+    except MemoryError as exc:
+        raise ImageDecodeError(f"{label}: too large to decode in the memory available") from exc
+    except Exception as exc:  # noqa: BLE001 - a recognised header that its parser rejects
+        raise ImageDecodeError(f"{label}: not a readable image ({_short(exc)})") from exc
+
+
+def _what_is(data: bytes) -> str:
+    """A few words on what unrecognised bytes look like, for the error message."""
+    head = data[:1024]
+    for magic, kind in ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"),
+                        (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP")):
+        if head.startswith(magic):
+            return f"a corrupt or truncated {kind} file"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a corrupt or truncated WEBP file"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<"):
+        if b"<svg" in text:
+            return "an SVG drawing; vector images are not supported, export it as PNG"
+        if b"<html" in text or text.startswith(b"<!doctype html"):
+            return "an HTML page"
+        return "XML or markup text"
+    for magic, kind in ((b"PK\x03\x04", "a ZIP archive"), (b"PK\x05\x06", "an empty ZIP archive"),
+                        (b"\x1f\x8b", "a gzip archive"), (b"Rar!", "a RAR archive"),
+                        (b"7z\xbc\xaf", "a 7-Zip archive"), (b"%PDF", "a PDF document"),
+                        (b"%!PS", "a PostScript file"), (b"8BPS", "a Photoshop file"),
+                        (b"\x7fELF", "a program"), (b"MZ", "a Windows program")):
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":
+        brand = head[8:12].decode("latin-1")
+        if brand in {"heic", "heix", "hevc", "mif1", "msf1", "heim", "heis"}:
+            return "a HEIC/HEIF photo, which cannot be decoded here; save it as JPEG"
+        return f"an ISO media file ({brand.strip()!r})"
+    try:
+        head.decode("utf-8")
+        if b"\x00" not in head:
+            return "a text file"
+    except UnicodeDecodeError:
+        pass
+    return "unrecognised data"
 
 
 def _short(exc: BaseException) -> str:
@@ -95,34 +172,69 @@ def _short(exc: BaseException) -> str:
 
 
 def _read_bytes(source: str | os.PathLike[str] | bytes | BinaryIO, label: str, limits: DecodeLimits) -> bytes:
-    if isinstance(source, bytes):
-        data = source
+    too_big = f"{label}: over the upload limit of {limits.max_bytes / 2**20:g} MiB (SANET_VIZ_MAX_FILE_SIZE)"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise ImageDecodeError(f"{label}: no such file")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageDecodeError(f"{label}: {size / 2**20:.1f} MiB is over the upload limit of "
-                                   f"{limits.max_bytes / 2**20:.0f} MiB")
-        data = path.read_bytes()
+        try:
+            if not path.is_file():
+                raise ImageDecodeError(f"{label}: not a file (a folder or a device)" if path.exists()
+                                       else f"{label}: no such file")
+            size = path.stat().st_size
+            if size > limits.max_bytes:
+                raise ImageDecodeError(f"{label}: {size / 2**20:.1f} MiB is over the upload limit of "
+                                       f"{limits.max_bytes / 2**20:g} MiB (SANET_VIZ_MAX_FILE_SIZE)")
+            with open(path, "rb") as f:  # read no more than the limit, even if the file grows
+                data = f.read(limits.max_bytes + 1)
+        except OSError as exc:
+            raise ImageDecodeError(f"{label}: cannot be read ({_short(exc)})") from exc
     else:
-        data = source.read(limits.max_bytes + 1)
+        try:
+            data = source.read(limits.max_bytes + 1)
+        except Exception as exc:  # noqa: BLE001 - any file-like object
+            raise ImageDecodeError(f"{label}: cannot be read ({_short(exc)})") from exc
+        if not isinstance(data, bytes):
+            raise ImageDecodeError(f"{label}: expected binary data, got {type(data).__name__}")
     if len(data) > limits.max_bytes:
-        raise ImageDecodeError(f"{label}: over the upload limit of {limits.max_bytes / 2**20:.0f} MiB")
+        raise ImageDecodeError(too_big)
     return data
+
+
+_HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def _to_eight_bits(image: Image.Image) -> Image.Image:
+    """Scale a 16-bit, 32-bit or float image's actual range to 8 bits (rather than clip at 255).
+
+    Works in bands of rows so that a large float TIFF needs little memory beyond its pixels.
+    NaN counts as the minimum, +inf as the maximum.
+    """
+    array = np.asarray(image)
+    if array.ndim != 2:
+        raise ValueError(f"unexpected {image.mode} array of shape {array.shape}")
+    finite = np.isfinite(array) if array.dtype.kind == "f" else None
+    if finite is not None and not finite.any():
+        lo = hi = 0.0
+    else:
+        lo = float(np.min(array, where=finite, initial=np.inf) if finite is not None else array.min())
+        hi = float(np.max(array, where=finite, initial=-np.inf) if finite is not None else array.max())
+    out = np.zeros(array.shape, np.uint8)
+    if hi > lo:
+        step = max(1, (1 << 22) // max(1, array.shape[1]))
+        for r in range(0, array.shape[0], step):
+            band = np.nan_to_num(array[r:r + step].astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+            band -= lo
+            band /= hi - lo
+            np.clip(band, 0.0, 1.0, out=band)
+            out[r:r + step] = np.rint(band * 255)
+    return Image.fromarray(out, "L")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
-        # High bit-depth: scale the actual range to 8 bits rather than clipping at 255.
-        array = np.asarray(image, dtype=np.float64)
-        finite = array[np.isfinite(array)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        scaled = np.zeros_like(array) if hi <= lo else (np.nan_to_num(array, nan=lo) - lo) / (hi - lo)
-        image = Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), "L")
-        mode = "L"
+    if mode in _HIGH_DEPTH:
+        image, mode = _to_eight_bits(image), "L"
     if mode == "P" and "transparency" in image.info:
         image, mode = image.convert("RGBA"), "RGBA"
     if mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
