@@ -205,6 +205,7 @@ class GracefulStop:
             log.info("signal %s: exiting", signum)
             sys.exit(0)
         self.stopping = True
+        had_work = sum(self._pending()) > 0
         log.info("signal %s: refusing new requests; waiting up to %.0f s for %d running and %d queued",
                  signum, self.grace_s, *self._pending())
         queue = self.demo._queue
@@ -219,7 +220,7 @@ class GracefulStop:
         running, waiting = self._pending()
         if running or waiting:
             log.warning("shutdown grace over: dropping %d running and %d queued requests", running, waiting)
-        else:  # clients fetch result files after the last message: serve until requests stop coming
+        elif had_work:  # clients fetch result files after the last message: serve until requests stop
             self._until_quiet(quiet_s=1.5, limit_s=max(0.0, min(10.0, deadline - time.monotonic())))
         server = getattr(self.demo, "server", None)
         if getattr(server, "config", None) is not None:  # idle streams (heartbeats) must not hold up

@@ -1,6 +1,6 @@
 """Fuzzing the decoding path: whatever bytes arrive, only ImageDecodeError may come out.
 
-CI runs a bounded, derandomised number of examples (about 20 s on 2 cores). For a longer hunt:
+CI runs a bounded, derandomised number of examples (about 10 s on 2 cores). For a longer hunt:
 ``SANET_VIZ_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_decode_fuzz.py`` (random
 seeds then; a failure prints the example and a ``@reproduce_failure`` line).
 """
@@ -11,9 +11,11 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -29,6 +31,16 @@ FUZZ = settings(max_examples=EXAMPLES or 300, deadline=None, derandomize=EXAMPLE
 # Small limits keep each example cheap; the pixel limit is still far above every seed.
 LIMITS = DecodeLimits(max_pixels=2_000_000, max_bytes=1 << 20)
 NAME = "fuzzed-upload.bin"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Thousands of 224x224 tensors: one thread is fastest, and immune to a machine's other load
+    (with two OpenMP threads on two busy cores each tiny op waits for the other thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _seed(fmt: str, mode: str = "RGB", size: tuple[int, int] = (23, 17), **options: object) -> bytes:

@@ -506,6 +506,22 @@ def test_sigterm_while_loading_exits_zero_promptly(tmp_path: Path) -> None:
     assert "Traceback" not in output, output[-2000:]
 
 
+@pytest.mark.slow
+def test_sigterm_when_idle_exits_zero_promptly(server: dict[str, object]) -> None:
+    """Last in this file: it stops the module's server."""
+    proc = server["proc"]
+    assert proc.poll() is None  # type: ignore[union-attr]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    status = proc.wait(timeout=60)  # type: ignore[union-attr]
+    took = time.monotonic() - sent
+    log = Path(str(server["log"])).read_text(errors="replace")
+    assert status == 0, log[-2000:]
+    assert took < 8, f"{took:.1f} s to stop an idle server"
+    shutdown = log[log.rindex("signal 15"):]  # earlier tracebacks are Gradio's, of refused API calls
+    assert "stopped" in shutdown and "Traceback" not in shutdown, shutdown[-2000:]
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--offline-session":
     out_file, work, resnet, sanet, isolated_flag = sys.argv[2:7]
     offline_session(Path(out_file), [resnet, sanet], Path(work), isolated_flag == "1")
