@@ -223,7 +223,8 @@ def _to_eight_bits(image: Image.Image) -> Image.Image:
     if hi > lo:
         step = max(1, (1 << 22) // max(1, array.shape[1]))
         for r in range(0, array.shape[0], step):
-            band = np.nan_to_num(array[r:r + step].astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+            with np.errstate(invalid="ignore"):  # signalling NaNs (corrupt floats) warn when cast
+                band = np.nan_to_num(array[r:r + step].astype(np.float64), nan=lo, posinf=hi, neginf=lo)
             band -= lo
             band /= hi - lo
             np.clip(band, 0.0, 1.0, out=band)
