@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .hooks import resolve_module
 
-__all__ = ["CAM_METHODS", "SINGLE_PASS_METHODS", "CamOutput", "compute_cam", "cam_method_names"]
+__all__ = ["CAM_METHODS", "SINGLE_PASS_METHODS", "CamOutput", "compute_cam"]
 
 # Name -> (class, human label). Names are the CLI's --method values.
 CAM_METHODS: dict[str, tuple[type[BaseCAM], str]] = {
@@ -29,10 +29,6 @@ CAM_METHODS: dict[str, tuple[type[BaseCAM], str]] = {
 }
 # Methods that run exactly one forward pass: its logits and hooked features can be reused.
 SINGLE_PASS_METHODS = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam"})
-
-
-def cam_method_names() -> list[str]:
-    return list(CAM_METHODS)
 
 
 @dataclass(frozen=True)

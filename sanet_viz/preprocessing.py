@@ -267,9 +267,3 @@ def prepare(image: Image.Image, *, resize_size: int = 256, crop_size: int = 224,
 def load_and_prepare(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS,
                      name: str | None = None) -> PreparedImage:
     return prepare(decode_image(source, limits=limits, name=name))
-
-
-def denormalize(x: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return x * std + mean
