@@ -31,6 +31,7 @@ __all__ = [
     "bottleneck_names",
     "fold_channel_shuffle",
     "inference_copy",
+    "instance_stats",
 ]
 
 SA_GROUPS = 64
@@ -122,10 +123,8 @@ class FoldedShuffleAttention(nn.Module):
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
 
     def _coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # Statistics straight from x (reductions accumulate in fp32 even for bf16 inputs): no
-        # upcast copy of the whole activation; the (N, C) coefficients are then formed in fp32.
-        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
-        var, mean = var.float(), mean.float()
+        mean, var = instance_stats(x)
+        mean, var = mean.float().reshape(x.shape[0], -1, 1, 1), var.float().reshape(x.shape[0], -1, 1, 1)
         rstd = torch.rsqrt(var + self.eps)
         a = self.w_norm.float() * rstd
         b = self.bias.float() + self.w_mean.float() * mean - a * mean
@@ -146,6 +145,20 @@ class FoldedShuffleAttention(nn.Module):
         half = c // (2 * self.groups)
         grouped = gate.reshape(n, self.groups, 2, half, h, w)
         return grouped[:, :, 0, :, 0, 0], grouped[:, :, 1]
+
+
+def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and biased variance over H, W: (N, C) each, in ``x``'s dtype.
+
+    On the CPU, ``torch.var_mean`` over the spatial dims of a channels_last tensor is 15-25x
+    slower than BatchNorm's statistics kernel run on each sample (a (1, C, H, W) slice is a
+    contiguous HW x C matrix): benchmarks/bench_sa_stats.py. Both accumulate in fp32.
+    """
+    if x.device.type != "cpu":
+        var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+        return mean, var
+    stats = [torch.batch_norm_update_stats(sample, None, None, 0.0) for sample in x.split(1)]
+    return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
 
 
 def shuffled_order(channels: int) -> Tensor:

@@ -278,6 +278,21 @@ def test_folded_module_gates_equal_unfolded_on_shuffled_input() -> None:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_instance_stats_equal_float64_reference(dtype: torch.dtype, channels_last: bool) -> None:
+    x = torch.randn(3, 64, 9, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = models.instance_stats(x.to(dtype))
+    want_var, want_mean = torch.var_mean(x.to(dtype).double(), dim=(2, 3), correction=0)
+    assert mean.shape == var.shape == (3, 64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the results are rounded to bf16
+    torch.testing.assert_close(mean.double(), want_mean, atol=tol * 2, rtol=tol)
+    torch.testing.assert_close(var.double(), want_var, atol=tol, rtol=tol)
+
+
 # ------------------------------------------------------------------------------------------
 # Paper names
 
