@@ -110,6 +110,35 @@ def test_full_size_sanet50_gradcam_equals_library(sanet50_random: models.SAResNe
     assert all(p.grad is None and not p.requires_grad for p in sanet50_random.parameters())
 
 
+
+def test_backward_starts_at_the_target_layer(tiny: models.SAResNet, x: Tensor) -> None:
+    """The gradient cut: nothing before the target layer is part of the autograd graph."""
+    seen: dict[str, bool] = {}
+    handles = [tiny.get_submodule(name).register_forward_hook(
+        lambda m, i, o, name=name: seen.__setitem__(name, o.requires_grad)) for name in ("layer1", "layer3")]
+    try:
+        compute_cam(tiny, x, layer="layer4.0", target_class=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {"layer1": False, "layer3": False}
+
+
+@pytest.mark.parametrize("layer", ["layer4.0", "layer4.0.bn3", "layer3.0.conv2"])
+def test_torchvision_blocks_with_in_place_adds_equal_library(layer: str, x: Tensor) -> None:
+    """torchvision's Bottleneck adds the identity in place onto bn3's output: the cut's clone
+    keeps that legal and the CAM equal to the library's."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(4)
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10).eval().requires_grad_(False)
+    for method in ("gradcam", "gradcam++"):
+        want = direct(model, layer, x, method, 5)
+        np.testing.assert_allclose(compute_cam(model, x, method=method, layer=layer, target_class=5).cam,
+                                   want, atol=1e-5)
+    assert hooks_left(model) == []
+
+
 # ------------------------------------------------------------------------------------------
 # The model is left as it was found
 
