@@ -24,7 +24,7 @@ from . import models
 from .cam import CAM_METHODS, SINGLE_PASS_METHODS, compute_cam
 from .hooks import FeatureCapture, SAGateRecorder, resolve_module
 from .preprocessing import PreparedImage
-from .probes import PROBE_GROUPS, GroupProbe, group_maps, masked_scores, probe_masks
+from .probes import PROBE_GROUPS, GroupProbe, PrecisionCheck, group_maps, masked_scores, probe_masks
 from .weights import IMAGENET_CATEGORIES, MODEL_SPECS, WeightsInfo, build_model
 
 __all__ = [
@@ -82,6 +82,9 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self._fast_model_bf16: nn.Module | None = None
+        # The first probe under ``auto`` precision compares bf16 with fp32 on its image; later
+        # probes follow the verdict (see probe_precision). Set and read holding ``lock``.
+        self.bf16_check: PrecisionCheck | None = None
         self.model.to(self.device).eval().requires_grad_(False)
         self.sa_modules = models.sa_module_names(self.model)  # paper name -> module name
         resolve_module(self.model, self.probe_layer)  # fail early on a wrong probe layer
@@ -105,6 +108,20 @@ class LoadedModel:
         if self._fast_model_bf16 is None:
             self._fast_model_bf16 = copy.deepcopy(self.fast_model).to(torch.bfloat16)
         return self._fast_model_bf16
+
+    def probe_precision(self, requested: str) -> str:
+        """The precision of the next probe: ``fp32``, ``bf16``, or ``check`` (run both, compare).
+
+        An explicit fp32/bf16 is obeyed. ``auto`` is fp32 without native bf16; otherwise it is
+        ``check`` until this model has a :class:`PrecisionCheck`, then bf16 if it passed.
+        """
+        if requested != "auto":
+            return resolve_precision(requested, self.device)
+        if resolve_precision("auto", self.device) == "fp32":
+            return "fp32"
+        if self.bf16_check is None:
+            return "check"
+        return "bf16" if self.bf16_check.passed else "fp32"
 
     @property
     def has_sa(self) -> bool:
@@ -190,6 +207,7 @@ class ModelResult:
     precision: str
     timings_ms: dict[str, float]
     logits: np.ndarray  # (num_classes,) fp32 of the unmasked image
+    precision_check: PrecisionCheck | None = None  # the model's bf16 check, once there is one
 
     def to_dict(self, cam_file: str | None = None) -> dict[str, Any]:
         layer_name = self.cam_layer
@@ -205,6 +223,7 @@ class ModelResult:
                     "file": cam_file},
             "group_probe": self.probe.to_dict() if self.probe else None,
             "probe_precision": self.precision,
+            "bf16_check": self.precision_check.to_dict() if self.precision_check else None,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
         if self.sa_gates is not None:
@@ -316,21 +335,36 @@ def explain_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOption
         cam_method=options.method, cam_layer=cam_layer,
         group_maps=group_maps(capture.outputs[lm.probe_layer], lm.probe_groups)[0].cpu().numpy(),
         probe=None, sa_gates=sa_gates, sa_spatial_maps=sa_maps,
-        precision=resolve_precision(options.precision, lm.device), timings_ms=timings,
+        precision=lm.probe_precision(options.precision).replace("check", "fp32"), timings_ms=timings,
         logits=logits.numpy())
 
 
 def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
-                options: AnalysisOptions) -> GroupProbe:
-    """The per-group probe from an explained result's group maps (hold ``lm.lock``)."""
+                options: AnalysisOptions, *, name: str = "image") -> GroupProbe:
+    """The per-group probe from an explained result's group maps (hold ``lm.lock``).
+
+    Under ``auto`` precision the model's first probe runs in fp32 and in bf16 and records the
+    comparison (:attr:`LoadedModel.bf16_check`); this image gets the fp32 scores.
+    """
     t = time.perf_counter()
     x = image.tensor.to(lm.device)
     predicted = int(np.argmax(result.logits))
     masks = probe_masks(torch.from_numpy(result.group_maps)[None].to(lm.device), tuple(x.shape[-2:]))
-    precision = resolve_precision(options.precision, lm.device)
-    scores, preds = masked_scores(lm.probe_model_for(precision), x, masks, torch.tensor([predicted]),
-                                  batch_size=options.probe_batch_size, precision=precision,
-                                  channels_last=lm.fast_model is not None)
+    classes = torch.tensor([predicted])
+
+    def run(precision: str) -> tuple[Tensor, Tensor]:
+        return masked_scores(lm.probe_model_for(precision), x, masks, classes,
+                             batch_size=options.probe_batch_size, precision=precision,
+                             channels_last=lm.fast_model is not None)
+
+    precision = lm.probe_precision(options.precision)
+    if precision == "check":
+        scores, preds = run("fp32")
+        lm.bf16_check = PrecisionCheck.compare(scores[0], run("bf16")[0][0], name)
+        precision = "fp32"
+    else:
+        scores, preds = run(precision)
+    result.precision, result.precision_check = precision, lm.bf16_check
     unmasked = float(torch.softmax(torch.from_numpy(result.logits), -1)[predicted])
     result.timings_ms["probe"] = (time.perf_counter() - t) * 1e3
     return GroupProbe(lm.probe_layer, _paper_or_none(lm.probe_layer) or lm.probe_layer, lm.probe_groups,
@@ -364,7 +398,7 @@ def add_probes(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
         if _wants_probe(result.options, key) and mr.probe is None:
             lm = lab.models[key]
             with lm.lock:
-                mr.probe = probe_model(lm, image, mr, result.options)
+                mr.probe = probe_model(lm, image, mr, result.options, name=result.image_name)
     result.timings_ms["probes"] = result.timings_ms.get("probes", 0.0) + (time.perf_counter() - start) * 1e3
     return result
 

@@ -16,9 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["group_maps", "probe_masks", "masked_scores", "GroupProbe", "autocast_for", "PROBE_GROUPS"]
+__all__ = ["group_maps", "probe_masks", "masked_scores", "GroupProbe", "PrecisionCheck", "autocast_for",
+           "spearman", "PROBE_GROUPS"]
 
 PROBE_GROUPS = 64
+# The rule for running the probe in bf16 by default (issue 4): every score within this of fp32,
+# and the ranking of the groups kept (Spearman correlation at least this).
+BF16_MAX_ABS_DIFF = 0.02
+BF16_MIN_SPEARMAN = 0.95
 
 
 def group_maps(features: Tensor, groups: int = PROBE_GROUPS) -> Tensor:
@@ -103,3 +108,43 @@ class GroupProbe:
         return {"layer": self.layer, "paper_name": self.paper_name, "groups": self.groups,
                 "class": self.target_class, "scores": [float(s) for s in self.scores],
                 "unmasked_score": self.unmasked_score}
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-d score vectors (ties broken by position); NaN when
+    either is constant."""
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """bf16 against fp32 probe scores of one model on one image.
+
+    ``auto`` precision runs the probe in bf16 only after a check that ``passed``: on weights
+    whose softmax saturates (an untrained ResNet50's logits reach ~50) bf16 rounding moves
+    scores by several hundredths, so the hardware alone cannot decide.
+    """
+
+    image: str
+    max_abs_diff: float
+    spearman: float
+
+    @classmethod
+    def compare(cls, fp32: Tensor, bf16: Tensor, image: str) -> PrecisionCheck:
+        return cls(image, float((fp32.double() - bf16.double()).abs().max()), spearman(fp32.flatten(), bf16.flatten()))
+
+    @property
+    def passed(self) -> bool:
+        # NaN (a constant score vector: no ranking to keep) fails.
+        return self.max_abs_diff <= BF16_MAX_ABS_DIFF and self.spearman >= BF16_MIN_SPEARMAN
+
+    def to_dict(self) -> dict[str, object]:
+        return {"image": self.image, "max_abs_diff": round(self.max_abs_diff, 6),
+                "spearman": None if self.spearman != self.spearman else round(self.spearman, 4),
+                "passed": self.passed, "rule": f"max |bf16 - fp32| <= {BF16_MAX_ABS_DIFF}, "
+                                               f"Spearman >= {BF16_MIN_SPEARMAN}"}
+

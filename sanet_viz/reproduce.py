@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -43,10 +42,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import models
-from .analysis import Lab, LoadedModel, resolve_device, resolve_precision
+from .analysis import AnalysisOptions, Lab, LoadedModel, explain_model, probe_model
 from .correlation import ClassCorrelation, correlation_matrix, mean_between_class, nearest_classes, profile_of
 from .hooks import FeatureCapture, SAGateRecorder, resolve_module
-from .preprocessing import ImageDecodeError, decode_image, prepare
+from .preprocessing import ImageDecodeError, PreparedImage, decode_image, prepare
 from .probes import group_maps, masked_scores, probe_masks
 
 __all__ = [
@@ -413,7 +412,8 @@ def shard_size(n: int, rank: int, world: int) -> int:
 class ReproduceOptions:
     batch_size: int = 8  # images per loader batch (unmasked forward)
     probe_batch_size: int = 32  # masked inputs per forward
-    precision: str = "fp32"  # of the masked forwards ("auto" is resolved per device); unmasked is fp32
+    precision: str = "fp32"  # of the masked forwards ("auto": see decide_precisions); unmasked is fp32
+    model_precision: dict[str, str] | None = None  # per model, resolved by run(); wins over precision
     workers: int = 0
     probe: bool = True
     checkpoint_every: int = 20  # batches between saved states (per rank)
@@ -421,6 +421,9 @@ class ReproduceOptions:
     progress: bool = True
     stop_after_batches: int | None = None  # testing hook: save and stop as if interrupted
     max_error_examples: int = 20
+
+    def precision_for(self, key: str) -> str:
+        return (self.model_precision or {}).get(key, self.precision)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.probe_batch_size < 1:
@@ -487,9 +490,10 @@ def evaluate_batch(lm: LoadedModel, x: Tensor, y: Tensor, options: ReproduceOpti
         with lm.lock:
             for chunk in torch.arange(len(x), device=x.device).split(per_chunk):
                 masks = probe_masks(maps[chunk], tuple(x.shape[-2:]))
-                s, p = masked_scores(lm.probe_forward_model, x[chunk], masks, predicted[chunk],
-                                     batch_size=options.probe_batch_size, precision=options.precision,
-                                     **_layout_kwargs(lm))
+                precision = options.precision_for(lm.key)
+                s, p = masked_scores(lm.probe_model_for(precision), x[chunk], masks, predicted[chunk],
+                                     batch_size=options.probe_batch_size, precision=precision,
+                                     channels_last=lm.fast_model is not None)
                 scores.append(s)
                 preds.append(p)
         group_score = torch.cat(scores)
@@ -501,11 +505,26 @@ def evaluate_batch(lm: LoadedModel, x: Tensor, y: Tensor, options: ReproduceOpti
     return _ModelBatch(predicted == y, unmasked, group_correct, group_score, channel, spatial)
 
 
-def _layout_kwargs(lm: LoadedModel) -> dict[str, Any]:
-    """Lay masked batches out as analysis.probe_model does, where masked_scores has the option."""
-    if "channels_last" in inspect.signature(masked_scores).parameters:
-        return {"channels_last": lm.fast_model is not None}
-    return {}
+def decide_precisions(lab: Lab, root: str | Path, samples: Sequence[Sample],
+                      options: ReproduceOptions) -> dict[str, str]:
+    """Per model, the masked forwards' precision: an explicit fp32/bf16 as asked; ``auto`` as the
+    analysis does it (bf16 where native and where bf16 matches fp32 by the issue's rule on the
+    data set's first decodable image, else fp32). Every rank decides on the same image.
+    """
+    wanted = {key: lm.probe_precision(options.precision) for key, lm in lab.models.items()}
+    if "check" in wanted.values() and options.probe:
+        dataset = ImageDataset(root, samples)
+        first = next((item for item in (dataset[i] for i in range(min(len(dataset), 50))) if item[3]), None)
+        if first is not None:
+            image = PreparedImage(first[0][None], np.zeros((1, 1, 3), np.uint8), tuple(first[0].shape[-2:]))
+            name = samples[first[2]].path
+            for key, lm in lab.models.items():
+                if wanted[key] == "check":
+                    with lm.lock:
+                        explained = explain_model(lm, image, AnalysisOptions(precision="auto", gates=False))
+                        probe_model(lm, image, explained, AnalysisOptions(precision="auto"), name=name)
+                        wanted[key] = lm.probe_precision("auto")
+    return {key: value.replace("check", "fp32") for key, value in wanted.items()}
 
 
 def _commit(sums: dict[str, Tensor], y: Tensor, outs: Mapping[str, _ModelBatch]) -> None:
@@ -660,6 +679,7 @@ class ReproduceResult:
                 "display_name": m["display_name"], "pretrained": m["pretrained"], "weights": m["weights"],
                 "top1": self.top1(key), "correct": int(self.sums[f"{key}.correct"]),
                 "mean_unmasked_score": float(self.sums[f"{key}.unmasked_score"]) / max(self.images, 1),
+                "probe_precision": m.get("probe_precision", self.precision), "bf16_check": m.get("bf16_check"),
             }
             group = self.group_top1(key)
             if group is not None:
@@ -736,8 +756,11 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     bad = [s for s in samples if not 0 <= s.label < k_classes]
     if bad:
         raise DatasetError(f"{bad[0].path}: label {bad[0].label} is outside the models' 0..{k_classes - 1}")
-    precision = resolve_precision(options.precision, device)
-    options = ReproduceOptions(**{**options.__dict__, "precision": precision})
+    model_precision = decide_precisions(lab, root, samples, options)
+    precision = ", ".join(sorted(set(model_precision.values())))
+    if len(set(model_precision.values())) > 1:
+        precision = ", ".join(f"{key} {value}" for key, value in model_precision.items())
+    options = ReproduceOptions(**{**options.__dict__, "precision": precision, "model_precision": model_precision})
     fingerprint = _fingerprint(lab, samples, options, world, k_classes)
 
     sums = _zero_sums(lab, k_classes, options.probe, device)
@@ -860,7 +883,9 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     model_info = {key: {"display_name": lm.display_name, "pretrained": lm.weights.pretrained,
                         "weights": lm.weights.to_dict(), "weights_note": lm.weights.note,
                         "probe_layer": lm.probe_layer, "probe_paper_name": _paper_name(lm.probe_layer),
-                        "sa_depths": list(lm.sa_modules)} for key, lm in lab.models.items()}
+                        "sa_depths": list(lm.sa_modules), "probe_precision": options.precision_for(key),
+                        "bf16_check": lm.bf16_check.to_dict() if lm.bf16_check else None}
+                  for key, lm in lab.models.items()}
     first = next(iter(lab.models.values()))
     return ReproduceResult({k: v.cpu().numpy() for k, v in sums.items()}, model_info, list(first.categories),
                            errors, {**_device_info(device), "processes": world}, precision, world, seconds,

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import models
-from sanet_viz.analysis import AnalysisOptions, Lab, LoadedModel, analyze
+from sanet_viz.analysis import AnalysisOptions, Lab, LoadedModel, analyze, bf16_supported
 from sanet_viz.cam import compute_cam
 from sanet_viz.hooks import SAGateRecorder
 from sanet_viz.preprocessing import PreparedImage
-from sanet_viz.probes import group_maps, masked_scores, probe_masks
+from sanet_viz.probes import PrecisionCheck, group_maps, masked_scores, probe_masks, spearman
 from sanet_viz.weights import WeightsInfo
 
 SIZE = 64  # input side for the tiny models: 2x2 maps at layer4
@@ -319,3 +319,109 @@ def test_analyze_rejects_bad_options() -> None:
         AnalysisOptions(target_class=1000)
     with pytest.raises(ValueError, match="fp8"):
         AnalysisOptions(precision="fp8")
+
+
+# ------------------------------------------------------------------------------------------
+# Work per analysis, and the bf16 check behind ``auto`` precision
+
+
+def tiny_lab() -> Lab:
+    return Lab({
+        "resnet50": LoadedModel("resnet50", "Tiny ResNet", tiny_resnet(), WeightsInfo("untrained (test)", False),
+                                probe_layer="layer4.0", probe_groups=64),
+        "sanet50": LoadedModel("sanet50", "Tiny SANet", tiny_sa_resnet(seed=3),
+                               WeightsInfo("untrained (test)", False), probe_layer="layer4.0", probe_groups=64),
+    })
+
+
+class ForwardCounter:
+    """Counts top-level forward calls of each named module (removed on exit)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.calls = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_pre_hook(lambda mod, args, name=name: self._count(name))
+                        for name, m in modules.items()]
+
+    def _count(self, name: str) -> None:
+        self.calls[name] += 1
+
+    def __enter__(self) -> ForwardCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("batch_size", [16, 64, 10])
+def test_forward_calls_per_analysis(batch_size: int) -> None:
+    """Per model: one forward of the model as defined (the CAM pass; its logits, features and
+    gates are reused) and ceil(64 / batch) masked forwards of the inference copy, nothing else."""
+    lab = tiny_lab()
+    watched = {f"{k} {kind}": m for k, lm in lab.models.items()
+               for kind, m in (("model", lm.model), ("fast", lm.fast_model), ("bf16", lm.probe_model_for("bf16")))}
+    with ForwardCounter(watched) as counter:
+        analyze(lab, prepared(21), AnalysisOptions(precision="fp32", probe_batch_size=batch_size))
+    masked = math.ceil(64 / batch_size)
+    assert counter.calls == {"resnet50 model": 1, "resnet50 fast": masked, "resnet50 bf16": 0,
+                             "sanet50 model": 1, "sanet50 fast": masked, "sanet50 bf16": 0}
+    with ForwardCounter(watched) as counter:
+        analyze(lab, prepared(21), AnalysisOptions(precision="bf16", probe=False))
+    assert counter.calls == dict.fromkeys(watched, 0) | {"resnet50 model": 1, "sanet50 model": 1}
+
+
+def test_precision_check_rule() -> None:
+    scores = torch.linspace(0.1, 0.9, 64)
+    assert PrecisionCheck.compare(scores, scores + 0.019, "a").passed
+    assert not PrecisionCheck.compare(scores, scores + 0.021, "a").passed  # a score moved too far
+    swapped = scores.clone()
+    swapped[::2], swapped[1::2] = scores[1::2], scores[::2]  # each neighbour pair swapped: 0.0127 apart
+    check = PrecisionCheck.compare(scores, swapped, "a")
+    assert check.max_abs_diff < 0.02 and check.spearman < 1 and check.passed
+    shuffled = scores[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    assert not PrecisionCheck.compare(scores, shuffled, "a").passed  # ranking lost
+    constant = torch.full((64,), 0.5)
+    assert not PrecisionCheck.compare(constant, constant, "a").passed  # no ranking to keep: NaN
+    assert spearman(scores, scores.flip(0)) == pytest.approx(-1.0)
+    assert PrecisionCheck.compare(scores, scores, "cat.jpg").to_dict()["passed"] is True
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_auto_precision_checks_bf16_once_then_follows_the_verdict() -> None:
+    lab = tiny_lab()
+    image = prepared(22)
+    exact = analyze(lab, image, AnalysisOptions(precision="fp32"))
+    assert all(lm.bf16_check is None for lm in lab.models.values())  # explicit fp32: no check
+
+    first = analyze(lab, image, AnalysisOptions(precision="auto"), name="first.jpg")
+    for key, lm in lab.models.items():
+        r = first.models[key]
+        assert lm.bf16_check is not None and lm.bf16_check.image == "first.jpg"
+        assert r.precision == "fp32" and r.precision_check is lm.bf16_check
+        torch.testing.assert_close(r.probe.scores, exact.models[key].probe.scores)  # fp32 reported
+        bf16 = analyze(lab, image, AnalysisOptions(precision="bf16")).models[key].probe.scores
+        assert lm.bf16_check.max_abs_diff == pytest.approx(float((bf16 - r.probe.scores).abs().max()), abs=1e-6)
+        assert r.to_dict()["bf16_check"]["image"] == "first.jpg"
+
+    second = analyze(lab, image, AnalysisOptions(precision="auto"))
+    for key, lm in lab.models.items():
+        assert second.models[key].precision == ("bf16" if lm.bf16_check.passed else "fp32")
+
+    # A failed check keeps auto at fp32, exactly.
+    for lm in lab.models.values():
+        lm.bf16_check = PrecisionCheck("bad.jpg", 0.5, 0.2)
+    third = analyze(lab, image, AnalysisOptions(precision="auto"))
+    for key in lab.models:
+        assert third.models[key].precision == "fp32"
+        torch.testing.assert_close(third.models[key].probe.scores, exact.models[key].probe.scores)
+
+
+def test_auto_precision_is_fp32_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sanet_viz.analysis as analysis
+
+    monkeypatch.setattr(analysis, "bf16_supported", lambda device: False)
+    lab = tiny_lab()
+    result = analyze(lab, prepared(23), AnalysisOptions(precision="auto"))
+    assert {r.precision for r in result.models.values()} == {"fp32"}
+    assert all(lm.bf16_check is None for lm in lab.models.values())
+

@@ -19,9 +19,10 @@ from torchvision.models import resnet as tv_resnet
 from conftest import ROOT, randomize_sa
 from sanet_viz import models
 from sanet_viz import reproduce as rp
-from sanet_viz.analysis import AnalysisOptions, Lab, LoadedModel, analyze
+from sanet_viz.analysis import AnalysisOptions, Lab, LoadedModel, analyze, bf16_supported
 from sanet_viz.correlation import class_correlation
 from sanet_viz.preprocessing import decode_image, prepare
+from sanet_viz.probes import PrecisionCheck
 from sanet_viz.weights import WeightsInfo
 
 NUM_CLASSES = 5
@@ -301,6 +302,27 @@ def test_folder_layouts_and_class_files(tmp_path: Path) -> None:
     assert [s.label for s in rp.select_balanced(samples, 5)] == [1, 3, 5, 1, 3]
 
 
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_auto_precision_is_decided_per_model_on_the_first_decodable_image(folder: Path) -> None:
+    lab = tiny_lab()
+    samples = rp.scan_dataset(folder, num_classes=NUM_CLASSES).samples
+    broken_first = [s for s in samples if "zz_broken" in s.path] + [s for s in samples if "zz_broken" not in s.path]
+    chosen = rp.decide_precisions(lab, folder, broken_first, rp.ReproduceOptions(**{**OPTIONS, "precision": "auto"}))
+    for key, lm in lab.models.items():
+        assert lm.bf16_check is not None and lm.bf16_check.image == broken_first[1].path
+        assert chosen[key] == ("bf16" if lm.bf16_check.passed else "fp32")
+    # Explicit precisions are obeyed without a check; a failed check keeps auto at fp32.
+    fresh = tiny_lab()
+    assert rp.decide_precisions(fresh, folder, samples, rp.ReproduceOptions(**{**OPTIONS, "precision": "bf16"})) \
+        == {"resnet50": "bf16", "sanet50": "bf16"}
+    assert all(lm.bf16_check is None for lm in fresh.models.values())
+    for lm in fresh.models.values():
+        lm.bf16_check = PrecisionCheck("x", 0.3, 0.1)
+    result = rp.run(fresh, folder, samples, rp.ReproduceOptions(**{**OPTIONS, "precision": "auto"}))
+    assert result.precision == "fp32"
+    assert result.models["sanet50"]["bf16_check"]["passed"] is False
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_with_full_size_untrained_models(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "data", broken=False)
@@ -320,6 +342,10 @@ def test_cli_end_to_end_with_full_size_untrained_models(tmp_path: Path) -> None:
         assert summary["models"][key]["pretrained"] is False
         probe = summary["models"][key]["group_probe"]
         assert probe["layer"] == "layer4.2" and probe["paper_name"] == "SA_5_3" and len(probe["top1_per_group"]) == 64
+        check = summary["models"][key]["bf16_check"]  # --precision auto on a bf16 CPU checks first
+        assert summary["models"][key]["probe_precision"] in {"fp32", "bf16"}
+        if bf16_supported(torch.device("cpu")):
+            assert check["image"] and summary["models"][key]["probe_precision"] == ("bf16" if check["passed"] else "fp32")
     depths = summary["models"]["sanet50"]["sa_depths"]
     assert len(depths) == 16 and depths[0] == "SA_2_1" and depths[-1] == "SA_5_3"
     profiles = rp.load_profiles(out / "profiles.npz")
