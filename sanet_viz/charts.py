@@ -85,7 +85,8 @@ def probe_chart(result: AnalysisResult) -> Figure:
         ax.set_ylim(0, 1)
         ax.set_ylabel("softmax[c]")
         ax.set_title(f"{m.display_name}: group probe at {probe.paper_name} ({probe.layer}), class "
-                     f"{probe.target_class} {_label(m, probe.target_class)}{_weights_tag(m)}", fontsize=9)
+                     f"{probe.target_class} {_label(m, probe.target_class)}{_weights_tag(m)}; masked forwards "
+                     f"in {m.precision}", fontsize=9)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()] \
             if m.sa_gates is not None else []
         labels = ["channel-branch chunk (even)", "spatial-branch chunk (odd)"] if handles else []

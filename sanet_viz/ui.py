@@ -277,7 +277,8 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
         return data, str(archive)
 
     def run_analysis(path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
-                     session: Session | None, progress: gr.Progress = gr.Progress()) -> Iterator[list[Any]]:
+                     probe_resnet: bool, session: Session | None,
+                     progress: gr.Progress = gr.Progress()) -> Iterator[list[Any]]:
         session = prepare_input(path, session or Session())
         options = options_from(method, target, layer)
         progress(0.05, desc="Grad-CAM: both models")
@@ -290,17 +291,30 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
         session.result = result
         keep = [gr.update()] * 7  # groups, probe, gates heatmap, gates lines, nearest, JSON, zip: not yet
         yield [session, *compare_view(result, opacity), *keep]
-        # SANet50's probe first (the paper's subject), then the ResNet50 baseline.
+        # SANet50's probe (the paper's subject); ResNet50's only when asked: it costs as much again.
         progress(0.4, desc="SANet50 group probes: 64 masked forwards")
         add_probes(lab, session.image, result, model_keys=("sanet50",))
-        yield [session, *[gr.update()] * 6, *groups_view(result), *depth_view(result, settings.profiles), gr.update(),
-               gr.update()]
-        progress(0.7, desc="ResNet50 group probes: 64 masked forwards")
-        add_probes(lab, session.image, result)
+        if probe_resnet:
+            yield [session, *[gr.update()] * 6, *groups_view(result), *depth_view(result, settings.profiles),
+                   gr.update(), gr.update()]
+            progress(0.7, desc="ResNet50 group probes: 64 masked forwards")
+            add_probes(lab, session.image, result, model_keys=("resnet50",))
         data, archive = save_outputs(result)
         # The last message is what API clients get: make it complete.
         yield [session, *compare_view(result, opacity), *groups_view(result), *depth_view(result, settings.profiles),
                data, archive]
+
+    def add_resnet_probe(probe_resnet: bool, session: Session | None,
+                         progress: gr.Progress = gr.Progress()) -> list[Any]:
+        """The baseline's probe for the image already analysed, when the box is ticked."""
+        if not probe_resnet or session is None or session.result is None or session.image is None:
+            return [gr.update()] * 4
+        result = session.result
+        if "resnet50" in result.models and result.models["resnet50"].probe is None:
+            progress(0.1, desc="ResNet50 group probes: 64 masked forwards")
+            add_probes(lab, session.image, result, model_keys=("resnet50",))
+        data, archive = save_outputs(result)
+        return [session, groups_view(result)[1], data, archive]
 
     def rerender(opacity: float, session: Session | None) -> list[Any]:
         if session is None or session.result is None:
@@ -394,6 +408,9 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                         grid = gr.Image(label="SA_5_3: 64 group maps", interactive=False, height=520, format="png", elem_id="group-grid")
                         probe = gr.Image(label="Group probes: softmax of the predicted class with the input "
                                          "masked by each group's map", interactive=False, format="png", elem_id="probe-chart")
+                        probe_resnet = gr.Checkbox(False, label="Compare with ResNet50's probe (64 more "
+                                                   "forwards: about as long as SANet50's again)",
+                                                   elem_id="probe-resnet")
                         group_k = gr.Slider(0, 63, value=0, step=1, label="Group (chunk) k")
                         with gr.Row():
                             group_img = gr.Image(label="Group map", interactive=False, format="png", elem_id="group-detail")
@@ -428,7 +445,7 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
 
         outputs = [session, r_img, r_lab, r_txt, s_img, s_lab, s_txt, grid, probe, gates_img, gates_lines,
                    nearest_md, result_json, download]
-        inputs = [image_in, method, target, layer, opacity, session]
+        inputs = [image_in, method, target, layer, opacity, probe_resnet, session]
         # Progress shows on the probe views only: the heatmaps stay visible once they arrive.
         progress_on = [grid, probe]
         analyse.click(run_analysis, inputs, outputs, api_name="analyze", concurrency_id="models",
@@ -437,6 +454,8 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
         for control in (method, target, layer):
             control.change(run_analysis, inputs, outputs, api_visibility="private", concurrency_id="models",
                            trigger_mode="always_last", show_progress_on=progress_on)
+        probe_resnet.input(add_resnet_probe, [probe_resnet, session], [session, probe, result_json, download],
+                           api_visibility="private", concurrency_id="models", show_progress_on=[probe])
         opacity.release(rerender, [opacity, session], [r_img, r_lab, r_txt, s_img, s_lab, s_txt],
                         api_visibility="private")
         group_k.release(show_group, [group_k, session], [group_img, group_txt], api_visibility="private")

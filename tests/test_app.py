@@ -105,11 +105,15 @@ def test_api_analyze_returns_the_result_contract(app_server: dict[str, object]) 
     outputs = client.predict(handle_file(str(EXAMPLES / "chelsea.jpg")), api_name="/analyze")
     result = _result_dict(outputs)
     assert result["pretrained"] is True and result["warning"] is None
+    # By default only SANet50 is probed: ResNet50's probe costs as much again and waits to be asked.
+    assert result["models"]["resnet50"]["group_probe"] is None  # type: ignore[index]
     for key, ckpt in app_server["checkpoints"].items():  # type: ignore[union-attr]
         model = result["models"][key]  # type: ignore[index]
         assert model["weights"] == {"source": str(ckpt), "pretrained": True, "sha256": _sha256(ckpt)}
         assert len(model["top5"]) == 5
         assert model["top5"][0]["prob"] >= model["top5"][-1]["prob"]
+        if key == "resnet50":
+            continue
         probe = model["group_probe"]
         assert probe["groups"] == 64 and len(probe["scores"]) == 64
         assert probe["class"] == model["top5"][0]["index"]
@@ -123,10 +127,13 @@ def test_api_analyze_returns_the_result_contract(app_server: dict[str, object]) 
     assert all(f"| {d} |" in nearest[0] for d in DEPTHS)
     assert "reference-alpha" in nearest[0] and "reference-gamma" in nearest[0]
 
-    # Other inputs are optional; choosing a class explains it in both models.
+    # Other inputs are optional; choosing a class explains it in both models; the last input asks
+    # for ResNet50's probe too.
     explained = _result_dict(client.predict(handle_file(str(EXAMPLES / "coffee.jpg")), "gradcam", "281",
-                                            api_name="/analyze"))
+                                            "layer4.2", 0.5, True, api_name="/analyze"))
     assert {m["target_class"] for m in explained["models"].values()} == {281}  # type: ignore[union-attr]
+    for model in explained["models"].values():  # type: ignore[union-attr]
+        assert len(model["group_probe"]["scores"]) == 64 and model["probe_precision"] in {"fp32", "bf16"}
 
 
 @pytest.mark.slow
@@ -138,7 +145,8 @@ def test_concurrent_requests_equal_single_requests(app_server: dict[str, object]
 
     def call(path: Path, target: str = "predicted") -> dict[str, object]:
         client = Client(url, verbose=False)
-        return _result_dict(client.predict(handle_file(str(path)), "gradcam", target, api_name="/analyze"))
+        return _result_dict(client.predict(handle_file(str(path)), "gradcam", target, "layer4.2", 0.5, True,
+                                           api_name="/analyze"))
 
     single = [call(p) for p in images]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -195,6 +203,15 @@ def test_browser_walkthrough(app_server: dict[str, object]) -> None:
             page.wait_for_selector("#group-grid img", timeout=30_000)
             page.wait_for_selector("#group-detail img", timeout=60_000)
             assert _rendered(page, "#probe-chart") and _rendered(page, "#group-grid")
+            sanet_only = page.get_attribute("#probe-chart img", "src")
+            one_panel = page.eval_on_selector("#probe-chart img", "img => img.naturalHeight")
+            page.check("#probe-resnet input[type=checkbox]")  # the baseline's probe, on demand
+            page.wait_for_function(
+                "old => { const img = document.querySelector('#probe-chart img'); "
+                "return img && img.src !== old && img.complete && img.naturalHeight > 0; }",
+                arg=sanet_only, timeout=180_000)
+            two_panels = page.eval_on_selector("#probe-chart img", "img => img.naturalHeight")
+            assert two_panels > one_panel * 1.5  # SANet50's bars, now with ResNet50's below
             page.screenshot(path=str(ARTIFACTS / "app-groups.png"), full_page=True)
 
             page.get_by_role("tab", name="Across depth").click()
