@@ -98,18 +98,29 @@ def probe_chart(result: AnalysisResult) -> Figure:
 
 
 def group_grid(maps: np.ndarray, *, title: str = "", cols: int = 8) -> Figure:
-    """The G group maps as a grid (each normalised to its own range, as the probe does)."""
-    g = maps.shape[0]
+    """The G group maps as a grid (each normalised to its own range, as the probe does).
+
+    One image of all maps with white gaps, not G sub-plots: about 10x faster to draw.
+    """
+    g, h, w = maps.shape
     rows = int(np.ceil(g / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.1 + 0.4), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if k < g:
-            m = maps[k]
-            span = m.max() - m.min()
-            ax.imshow((m - m.min()) / span if span > 0 else np.zeros_like(m), cmap="viridis", vmin=0, vmax=1)
-            ax.set_title(str(k), fontsize=6, pad=1)
-    fig.suptitle(title, fontsize=9)
+    mosaic = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)
+    for k in range(g):
+        m = maps[k].astype(np.float64)
+        span = m.max() - m.min()
+        r, c = divmod(k, cols)
+        mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = \
+            (m - m.min()) / span if span > 0 else np.zeros_like(m)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.1 + 0.4))
+    ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    for k in range(g):
+        r, c = divmod(k, cols)
+        ax.text(c * (w + 1) + 0.1, r * (h + 1) + 0.1, str(k), fontsize=6, color="white", va="top", ha="left",
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -175,13 +175,18 @@ def compare_view(result: AnalysisResult, opacity: float) -> list[Any]:
 
 
 def groups_view(result: AnalysisResult) -> list[Any]:
-    """The 8x8 grid of SA_5_3 group maps and the probe bars of both models."""
+    """The 8x8 grid of SA_5_3 group maps and the probe bars of the probed models."""
     sanet = result.models.get("sanet50") or next(iter(result.models.values()))
     grid = charts.to_image(charts.group_grid(
         sanet.group_maps, title=f"{sanet.display_name}: the 64 group maps of SA_5_3 (layer4.2 output)"))
-    probe = (charts.to_image(charts.probe_chart(result))
-             if any(m.probe is not None for m in result.models.values()) else None)
-    return [grid, probe]
+    return [grid, probe_view(result)]
+
+
+def probe_view(result: AnalysisResult) -> np.ndarray | None:
+    """The probe bars of every model probed so far (None before any)."""
+    if not any(m.probe is not None for m in result.models.values()):
+        return None
+    return charts.to_image(charts.probe_chart(result))
 
 
 def group_detail_view(result: AnalysisResult, k: int) -> tuple[np.ndarray | None, str]:
@@ -287,22 +292,26 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
         if previous is not None:  # probes depend only on the image: keep them across control changes
             for key, mr in result.models.items():
                 if key in previous.models:
-                    mr.probe = previous.models[key].probe
+                    before = previous.models[key]
+                    mr.probe, mr.precision, mr.precision_check = before.probe, before.precision, before.precision_check
         session.result = result
         keep = [gr.update()] * 7  # groups, probe, gates heatmap, gates lines, nearest, JSON, zip: not yet
         yield [session, *compare_view(result, opacity), *keep]
-        # SANet50's probe (the paper's subject); ResNet50's only when asked: it costs as much again.
+        # The group maps and the gates need no probe: show them while SANet50's probe runs (the
+        # paper's subject); ResNet50's probe only when asked, as it costs as much again.
+        views = [*groups_view(result), *depth_view(result, settings.profiles)]
+        yield [session, *[gr.update()] * 6, *views, gr.update(), gr.update()]
         progress(0.4, desc="SANet50 group probes: 64 masked forwards")
         add_probes(lab, session.image, result, model_keys=("sanet50",))
+        views[1] = probe_view(result)
+        yield [session, *[gr.update()] * 7, views[1], *[gr.update()] * 5]
         if probe_resnet:
-            yield [session, *[gr.update()] * 6, *groups_view(result), *depth_view(result, settings.profiles),
-                   gr.update(), gr.update()]
             progress(0.7, desc="ResNet50 group probes: 64 masked forwards")
             add_probes(lab, session.image, result, model_keys=("resnet50",))
+            views[1] = probe_view(result)  # now with both models
         data, archive = save_outputs(result)
         # The last message is what API clients get: make it complete.
-        yield [session, *compare_view(result, opacity), *groups_view(result), *depth_view(result, settings.profiles),
-               data, archive]
+        yield [session, *compare_view(result, opacity), *views, data, archive]
 
     def add_resnet_probe(probe_resnet: bool, session: Session | None,
                          progress: gr.Progress = gr.Progress()) -> list[Any]:
@@ -314,7 +323,7 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
             progress(0.1, desc="ResNet50 group probes: 64 masked forwards")
             add_probes(lab, session.image, result, model_keys=("resnet50",))
         data, archive = save_outputs(result)
-        return [session, groups_view(result)[1], data, archive]
+        return [session, probe_view(result), data, archive]
 
     def rerender(opacity: float, session: Session | None) -> list[Any]:
         if session is None or session.result is None:
@@ -446,8 +455,8 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
         outputs = [session, r_img, r_lab, r_txt, s_img, s_lab, s_txt, grid, probe, gates_img, gates_lines,
                    nearest_md, result_json, download]
         inputs = [image_in, method, target, layer, opacity, probe_resnet, session]
-        # Progress shows on the probe views only: the heatmaps stay visible once they arrive.
-        progress_on = [grid, probe]
+        # Progress shows on the probe chart only: heatmaps, group maps and gates stay visible.
+        progress_on = [probe]
         analyse.click(run_analysis, inputs, outputs, api_name="analyze", concurrency_id="models",
                       concurrency_limit=settings.concurrency, show_progress_on=progress_on).then(
             show_group, [group_k, session], [group_img, group_txt], api_visibility="private")
