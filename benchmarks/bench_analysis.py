@@ -2,11 +2,12 @@
 
 naive = the official probe loop (64 sequential batch-1 masked forwards, fp32, the model as
         defined) + pytorch-grad-cam's GradCAM + the plain forward the probe starts from, per model;
-ours  = analysis.analyze (one fp32 CAM pass that also yields logits, features and gates; the
-        masked forwards batched on an inference copy: shuffle folded, BN fused, channels_last),
-        in fp32 and in bf16.
+ours  = analysis.analyze (one fp32 CAM pass that also yields logits, features and gates, its
+        backward cut at the target layer; the masked forwards batched on an inference copy:
+        shuffle folded, BN fused, channels_last), in fp32, in bf16, and in ``auto`` (what the
+        default does once its bf16 check has run: bf16 or fp32 per model).
 
-    python benchmarks/bench_analysis.py [--images examples/*.jpg] [--repeats 3] [--device auto]
+    python benchmarks/bench_analysis.py [--images examples/*.jpg] [--repeats 3] [--device auto] [--compile]
 
 Prints a table (median of --repeats per image), the bf16 vs fp32 probe agreement, peak
 resident memory and the machine. Weights: whatever the app would load (untrained if none).
@@ -85,12 +86,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the masked-forward models")
     args = parser.parse_args()
 
-    lab = Lab.load(device=args.device, log=lambda m: print(m, file=sys.stderr))
+    lab = Lab.load(device=args.device, compile_probe=args.compile, log=lambda m: print(m, file=sys.stderr))
     device = lab.device
     images = [load_and_prepare(p) for p in args.images]
-    precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", device) == "bf16" else [])
+    precisions = ["fp32"] + (["bf16", "auto"] if resolve_precision("auto", device) == "bf16" else [])
+    warmups: dict[str, float] = {}
     rows: dict[str, list[float]] = {}
     stages: dict[str, list[float]] = {}
     probes: dict[str, list[np.ndarray]] = {}
@@ -101,7 +104,9 @@ def main() -> None:
 
     for precision in precisions:  # ours first: the peak memory below is then ours
         options = AnalysisOptions(precision=precision, probe_batch_size=args.batch_size)
-        analyze(lab, images[0], options)  # warm-up
+        t = time.perf_counter()
+        analyze(lab, images[0], options, name=args.images[0].name)  # warm-up (also compiles; auto: bf16 check)
+        warmups[precision] = time.perf_counter() - t
         for _ in range(args.repeats):
             for image in images:
                 sync()
@@ -109,10 +114,12 @@ def main() -> None:
                 result = analyze(lab, image, options)
                 sync()
                 rows.setdefault(f"ours {precision}", []).append((time.perf_counter() - t) * 1e3)
+                stages.setdefault(f"ours {precision} first heatmaps (CAM pass, both models)", []).append(
+                    result.timings_ms["explain"])
                 for key, m in result.models.items():
                     for stage, ms in m.timings_ms.items():
                         stages.setdefault(f"ours {precision} {key} {stage}", []).append(ms)
-                    if m.probe is not None and _ == 0:
+                    if m.probe is not None and _ == 0 and precision != "auto":
                         probes.setdefault(f"{precision} {key}", []).append(m.probe.scores.numpy())
     peak_ours_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -137,7 +144,15 @@ def main() -> None:
           f"torch {torch.__version__}; weights: "
           + ", ".join(f"{lm.display_name} {'pretrained' if lm.weights.pretrained else 'UNTRAINED'}"
                       for lm in lab.models.values()))
-    print(f"{len(images)} images x {args.repeats} repeats, both models, every output (CAM, top-5, probes, gates)\n")
+    print(f"{len(images)} images x {args.repeats} repeats, both models, every output (CAM, top-5, probes, gates)"
+          + (", masked forwards torch.compiled" if args.compile else ""))
+    print("warm-up call per precision (s): " + ", ".join(f"{k} {v:.1f}" for k, v in warmups.items()))
+    for lm in lab.models.values():
+        if lm.bf16_check is not None:
+            c = lm.bf16_check
+            print(f"auto: {lm.display_name} checked bf16 on {c.image}: max |diff| {c.max_abs_diff:.4f}, "
+                  f"Spearman {c.spearman:.3f} -> {'bf16' if c.passed else 'fp32'}")
+    print()
     print("| pipeline | ms / image (median) | images / s | vs naive |")
     print("|---|---:|---:|---:|")
     naive = med.get("naive fp32")

@@ -8,6 +8,7 @@ the 64 masked forwards of the group probe run batched, optionally in bf16.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -62,6 +63,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU kernels are C++ built at run time: fail early, and say so, without one."""
+    import shutil
+
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise ValueError(f"--compile on the CPU needs a C++ compiler ({compiler!r} is not on PATH): "
+                             "install g++ (apt-get install g++) or run without --compile")
+
+
 @dataclass
 class LoadedModel:
     """A model shared by all requests: use it only while holding ``lock``."""
@@ -79,9 +91,13 @@ class LoadedModel:
     # into the convs, channels_last (models.inference_copy). CAM and hooks use ``model``.
     fast_model: nn.Module | None = field(default=None, repr=False)
     use_fast_model: bool = True
+    # torch.compile the masked-forward models (inductor with frozen weights), per precision on
+    # first use: it pays over many images (benchmarks/bench_analysis.py --compile), not for one.
+    compile_probe: bool = False
 
     def __post_init__(self) -> None:
         self._fast_model_bf16: nn.Module | None = None
+        self._compiled: dict[str, nn.Module] = {}
         # The first probe under ``auto`` precision compares bf16 with fp32 on its image; later
         # probes follow the verdict (see probe_precision). Set and read holding ``lock``.
         self.bf16_check: PrecisionCheck | None = None
@@ -104,10 +120,18 @@ class LoadedModel:
         convolution's weights again on each forward.
         """
         if precision != "bf16" or self.fast_model is None:
-            return self.probe_forward_model
-        if self._fast_model_bf16 is None:
-            self._fast_model_bf16 = copy.deepcopy(self.fast_model).to(torch.bfloat16)
-        return self._fast_model_bf16
+            model = self.probe_forward_model
+        else:
+            if self._fast_model_bf16 is None:
+                self._fast_model_bf16 = copy.deepcopy(self.fast_model).to(torch.bfloat16)
+            model = self._fast_model_bf16
+        if not self.compile_probe:
+            return model
+        if precision not in self._compiled:
+            # Frozen weights let inductor fold them into its kernels; every batch has the same
+            # shape except a last partial one, so no dynamic shapes.
+            self._compiled[precision] = torch.compile(model, options={"freezing": True}, dynamic=False)
+        return self._compiled[precision]
 
     def probe_precision(self, requested: str) -> str:
         """The precision of the next probe: ``fp32``, ``bf16``, or ``check`` (run both, compare).
@@ -137,15 +161,17 @@ class Lab:
     @classmethod
     def load(cls, *, resnet50: str | None = None, sanet50: str | None = None, device: str = "auto",
              weights_dir: Path | None = None, require_pretrained: bool = False,
-             log: Callable[[str], None] | None = None) -> Lab:
+             compile_probe: bool = False, log: Callable[[str], None] | None = None) -> Lab:
         target = resolve_device(device)
+        if compile_probe:
+            check_compiler(target)
         loaded = {}
         for key, explicit in (("resnet50", resnet50), ("sanet50", sanet50)):
             spec = MODEL_SPECS[key]
             start = time.perf_counter()
             model, info = build_model(spec, explicit, weights_dir=weights_dir,
                                       require_pretrained=require_pretrained)
-            loaded[key] = LoadedModel(key, spec.display_name, model, info, target)
+            loaded[key] = LoadedModel(key, spec.display_name, model, info, target, compile_probe=compile_probe)
             if log:
                 state = "pretrained" if info.pretrained else f"UNTRAINED ({info.note})"
                 log(f"{spec.display_name}: {state}; weights: {info.source}; on {target}; "

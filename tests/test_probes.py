@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -425,3 +427,29 @@ def test_auto_precision_is_fp32_without_native_bf16(monkeypatch: pytest.MonkeyPa
     assert {r.precision for r in result.models.values()} == {"fp32"}
     assert all(lm.bf16_check is None for lm in lab.models.values())
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler for inductor")
+def test_compiled_probe_models_give_the_same_scores() -> None:
+    """--compile: the masked forwards through torch.compile (inductor, frozen weights) agree."""
+    plain, compiled = tiny_lab(), tiny_lab()
+    for lm in compiled.models.values():
+        lm.compile_probe = True
+    image = prepared(24)
+    want = analyze(plain, image, AnalysisOptions(precision="fp32"))
+    got = analyze(compiled, image, AnalysisOptions(precision="fp32"))
+    for key, lm in compiled.models.items():
+        assert lm.probe_model_for("fp32") is not lm.fast_model  # the compiled wrapper, cached
+        assert lm.probe_model_for("fp32") is lm.probe_model_for("fp32")
+        torch.testing.assert_close(got.models[key].probe.scores, want.models[key].probe.scores,
+                                   atol=1e-4, rtol=1e-3)
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sanet_viz.analysis import check_compiler
+
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(ValueError, match=r"C\+\+ compiler \('no-such-c\+\+-compiler' is not on PATH\).*without --compile"):
+        check_compiler(torch.device("cpu"))
+    check_compiler(torch.device("cuda"))  # GPU kernels come from Triton, not a host compiler
