@@ -13,7 +13,7 @@ __all__ = ["main", "build_parser"]
 
 
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
-                "about 10%% faster probes after 20-40 s of compiling per model and precision, so it pays over "
+                "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
                 "many images only; on the CPU it needs a C++ compiler (g++)")
 
 
