@@ -170,11 +170,7 @@ def warm_up(lab: Lab, image_path: Path = WARM_UP_IMAGE) -> None:
     start = time.perf_counter()
     analyze(lab, load_and_prepare(image_path), AnalysisOptions(), name=image_path.name)
     for lm in lab.models.values():
-        check = lm.bf16_check
-        verdict = ("probes run in fp32" if check is None else
-                   f"bf16 checked on {check.image}: max |diff| {check.max_abs_diff:.4f}, Spearman "
-                   f"{check.spearman:.3f}: probes run in {'bf16' if check.passed else 'fp32'}")
-        log.info("%s: %s", lm.display_name, verdict)
+        log.info("%s: %s", lm.display_name, lm.bf16_check.describe() if lm.bf16_check else "probes run in fp32")
     log.info("warm-up analysis done in %.1f s", time.perf_counter() - start)
 
 

@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from sanet_viz.analysis import AnalysisOptions, Lab, analyze, resolve_precision  # noqa: E402
 from sanet_viz.hooks import resolve_module  # noqa: E402
@@ -149,9 +148,7 @@ def main() -> None:
     print("warm-up call per precision (s): " + ", ".join(f"{k} {v:.1f}" for k, v in warmups.items()))
     for lm in lab.models.values():
         if lm.bf16_check is not None:
-            c = lm.bf16_check
-            print(f"auto: {lm.display_name} checked bf16 on {c.image}: max |diff| {c.max_abs_diff:.4f}, "
-                  f"Spearman {c.spearman:.3f} -> {'bf16' if c.passed else 'fp32'}")
+            print(f"auto: {lm.display_name}: {lm.bf16_check.describe()}")
     print()
     print("| pipeline | ms / image (median) | images / s | vs naive |")
     print("|---|---:|---:|---:|")

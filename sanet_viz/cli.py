@@ -125,12 +125,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 top = m["top5"][0]
                 print(f"{path.name}: {m['display_name']}: {top['label']} ({top['prob']:.1%})")
     for lm in lab.models.values():
-        check = lm.bf16_check
-        if check is not None:
-            print(f"{lm.display_name}: bf16 probe checked against fp32 on {check.image}: max |diff| "
-                  f"{check.max_abs_diff:.4f}, Spearman {check.spearman:.3f}: "
-                  + ("later images in bf16" if check.passed else "failed the rule, probes stay fp32"),
-                  file=sys.stderr)
+        if lm.bf16_check is not None:
+            print(f"{lm.display_name}: {lm.bf16_check.describe()}", file=sys.stderr)
     if any(not lm.weights.pretrained for lm in lab.models.values()) and len(args.images) > failures:
         _warn(untrained_warning_for(lab))
     print(f"wrote {len(args.images) - failures} of {len(args.images)} image(s) to {args.out}", file=sys.stderr)

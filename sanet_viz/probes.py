@@ -142,6 +142,11 @@ class PrecisionCheck:
         # NaN (a constant score vector: no ranking to keep) fails.
         return self.max_abs_diff <= BF16_MAX_ABS_DIFF and self.spearman >= BF16_MIN_SPEARMAN
 
+    def describe(self) -> str:
+        """One line for logs: what was compared, what came out, and what the probes will use."""
+        return (f"bf16 checked against fp32 on {self.image}: max |diff| {self.max_abs_diff:.4f}, Spearman "
+                f"{self.spearman:.3f}: probes run in {'bf16' if self.passed else 'fp32'}")
+
     def to_dict(self) -> dict[str, object]:
         return {"image": self.image, "max_abs_diff": round(self.max_abs_diff, 6),
                 "spearman": None if self.spearman != self.spearman else round(self.spearman, 4),

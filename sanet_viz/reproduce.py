@@ -757,9 +757,8 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     if bad:
         raise DatasetError(f"{bad[0].path}: label {bad[0].label} is outside the models' 0..{k_classes - 1}")
     model_precision = decide_precisions(lab, root, samples, options)
-    precision = ", ".join(sorted(set(model_precision.values())))
-    if len(set(model_precision.values())) > 1:
-        precision = ", ".join(f"{key} {value}" for key, value in model_precision.items())
+    distinct = set(model_precision.values())
+    precision = distinct.pop() if len(distinct) == 1 else ", ".join(f"{k} {v}" for k, v in model_precision.items())
     options = ReproduceOptions(**{**options.__dict__, "precision": precision, "model_precision": model_precision})
     fingerprint = _fingerprint(lab, samples, options, world, k_classes)
 

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,6 +20,20 @@ from sanet_viz import models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+def load_test_module() -> Any:
+    """benchmarks/load_test.py (not a package) as a module, loaded once: its app start/stop,
+    readiness wait and checks serve the server tests too."""
+    import importlib.util
+    import sys
+
+    if "load_test" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("load_test", ROOT / "benchmarks" / "load_test.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["load_test"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["load_test"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,15 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import urllib.request
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, load_test_module
 
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -26,20 +24,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited early with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
 DEPTHS = [f"SA_{s}_{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in range(1, n + 1)]
@@ -76,7 +60,7 @@ def app_server(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Pa
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}/"
         try:
-            _wait_for_http(url, proc)
+            load_test_module().wait_ready(url, proc, timeout=180.0)
             yield {"url": url, "proc": proc, "log": log_path,
                    "checkpoints": {"resnet50": torchvision_checkpoint, "sanet50": official_checkpoint}}
         finally:

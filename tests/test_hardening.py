@@ -8,7 +8,6 @@ browser upload (a running ``app.py``). The short load test reuses benchmarks/loa
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, load_test_module
 from sanet_viz.preprocessing import (SUPPORTED_FORMATS, DecodeLimits, ImageDecodeError, decode_image,
                                      load_and_prepare, parse_size)
 
@@ -41,15 +40,7 @@ CHROMIUM = "/usr/bin/chromium"
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
 
-def _load_benchmark() -> object:
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "benchmarks" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["load_test"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-lt = _load_benchmark()
+lt = load_test_module()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ CACHE_TTL = 4  # seconds: the app deletes uploads and outputs this old, checking
 
 
 def _load_test() -> object:
+    # Not conftest.load_test_module: this file also runs as a script (the offline helper below),
+    # where conftest's imports are not on the path.
     import importlib.util
 
     if "load_test" in sys.modules:
