@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from pytorch_grad_cam import GradCAM  # noqa: E402
 
-from sanet_viz.analysis import AnalysisOptions, Lab, analyze, resolve_precision  # noqa: E402
+from sanet_viz.analysis import AnalysisOptions, analyze  # noqa: E402
 from sanet_viz.hooks import resolve_module  # noqa: E402
+from sanet_viz.lab import Lab, resolve_precision  # noqa: E402
 from sanet_viz.preprocessing import load_and_prepare  # noqa: E402
 
 
@@ -162,7 +163,7 @@ def main() -> None:
     if "bf16 sanet50" in probes:
         print("\nbf16 vs fp32 probe scores (per image): max |diff|, Spearman of the 64-group ranking")
         for key in ("resnet50", "sanet50"):
-            for a, b in zip(probes[f"fp32 {key}"], probes[f"bf16 {key}"]):
+            for a, b in zip(probes[f"fp32 {key}"], probes[f"bf16 {key}"], strict=True):
                 print(f"  {key}: {np.abs(a - b).max():.4f}, {spearman(a, b):.3f}")
     print(f"\npeak resident memory (ours): {peak_ours_mb:.0f} MB")
     if args.json:

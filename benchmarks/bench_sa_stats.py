@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sanet_viz.models import instance_stats  # noqa: E402
+from sanet_viz.models import instance_stats
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # SANet50's SA inputs at 224x224
 
@@ -45,8 +45,8 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for channels, size in STAGES:
             x = torch.randn(args.batch, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
-            slow = median_ms(lambda: torch.var_mean(x, dim=(2, 3), correction=0), args.repeats)
-            fast = median_ms(lambda: instance_stats(x), args.repeats)
+            slow = median_ms(lambda x=x: torch.var_mean(x, dim=(2, 3), correction=0), args.repeats)
+            fast = median_ms(lambda x=x: instance_stats(x), args.repeats)
             print(f"| {str(dtype).removeprefix('torch.')} | {channels} x {size} x {size} | {slow:.2f} | "
                   f"{fast:.2f} | {slow / fast:.1f}x |")
 

@@ -7,13 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM,
-                              ScoreCAM, XGradCAM)
+from pytorch_grad_cam import AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
-from .hooks import HookOwner, resolve_module
+from .hooks import HookOwner, ModelStateGuard, resolve_module
 
 __all__ = ["CAM_METHODS", "SINGLE_PASS_METHODS", "CamOutput", "GradientCut", "compute_cam"]
 
@@ -81,12 +80,10 @@ def compute_cam(model: nn.Module, x: Tensor, *, method: str = "gradcam", layer: 
     x = x.detach().float()
     targets = None if target_class is None else [ClassifierOutputTarget(target_class)]
     # BaseCAM puts the model in eval mode and zero_grad()s it, then backward() fills the .grad of
-    # any trainable parameter: put modes and .grad back as they were. Its context manager would
-    # also swallow an IndexError (e.g. a class index past the model's outputs), so release by hand.
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
+    # any trainable parameter: the guard puts them back. BaseCAM's own context manager would also
+    # swallow an IndexError (e.g. a class index past the model's outputs), so release by hand.
     # The cut is registered first, so pytorch-grad-cam's hooks see (and hook) its output.
-    with GradientCut(target_layer):
+    with ModelStateGuard(model), GradientCut(target_layer):
         cam = cls(model=model, target_layers=[target_layer], **kwargs)
         try:
             if cls is ScoreCAM:
@@ -97,9 +94,5 @@ def compute_cam(model: nn.Module, x: Tensor, *, method: str = "gradcam", layer: 
             logits = cam.outputs.detach().float()
         finally:
             cam.activations_and_grads.release()
-            for m, training in modes:
-                m.training = training
-            for p, grad in grads:
-                p.grad = grad
     target = int(logits.argmax(-1)) if target_class is None else target_class
     return CamOutput(np.asarray(grayscale[0], dtype=np.float32), logits, target)

@@ -8,12 +8,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: servers and CI have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from .analysis import AnalysisResult, ModelResult  # noqa: E402
-from .correlation import ClassCorrelation  # noqa: E402
+from .correlation import ClassCorrelation
+from .results import AnalysisResult, ModelResult
 
 __all__ = ["overlay", "overlay_pair", "probe_chart", "group_grid", "gates_heatmap", "gates_lines",
            "correlation_matrices", "correlation_vs_depth", "save", "to_image", "CAM_CMAP", "BRANCH_COLOURS"]
@@ -41,7 +41,7 @@ def overlay_pair(result: AnalysisResult, *, opacity: float = 0.5) -> Figure:
     """Both models' overlays side by side, each with its top-5 and the class explained."""
     items = list(result.models.values())
     fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 5.6), squeeze=False)
-    for ax, m in zip(axes[0], items):
+    for ax, m in zip(axes[0], items, strict=True):
         ax.imshow(overlay(result.display, m.cam, opacity=opacity))
         ax.set_axis_off()
         target = m.target_class
@@ -56,12 +56,9 @@ def overlay_pair(result: AnalysisResult, *, opacity: float = 0.5) -> Figure:
 
 
 def _label(m: ModelResult, index: int) -> str:
-    for p in m.top5:
-        if p.index == index:
-            return p.label
-    from .weights import IMAGENET_CATEGORIES
-
-    return IMAGENET_CATEGORIES[index] if 0 <= index < len(IMAGENET_CATEGORIES) else ""
+    if index == m.target_class:
+        return m.target_label
+    return next((p.label for p in m.top5 if p.index == index), "")
 
 
 def probe_chart(result: AnalysisResult) -> Figure:
@@ -69,7 +66,7 @@ def probe_chart(result: AnalysisResult) -> Figure:
     probed = [m for m in result.models.values() if m.probe is not None]
     fig, axes = plt.subplots(len(probed) or 1, 1, figsize=(11, 2.6 * max(1, len(probed))),
                              squeeze=False, sharex=True)
-    for ax, m in zip(axes[:, 0], probed):
+    for ax, m in zip(axes[:, 0], probed, strict=False):
         probe = m.probe
         assert probe is not None
         scores = probe.scores.numpy()
@@ -129,7 +126,7 @@ def gates_heatmap(sa_gates: Mapping[str, Mapping[str, np.ndarray]], *, title: st
     """Depth x group heatmaps of the mean channel and spatial gates of the 16 SA modules."""
     depths = list(sa_gates)
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.6), squeeze=False)
-    for ax, branch in zip(axes[0], ("channel", "spatial")):
+    for ax, branch in zip(axes[0], ("channel", "spatial"), strict=True):
         grid = np.stack([np.asarray(sa_gates[d][branch]) for d in depths])
         im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(depths)), depths, fontsize=7)
@@ -166,7 +163,7 @@ def correlation_matrices(corr: ClassCorrelation, depths: Sequence[str] | None = 
     chosen = list(depths) if depths else [corr.depths[0], corr.depths[len(corr.depths) // 2], corr.depths[-1]]
     names = list(class_names) if class_names else [str(c) for c in corr.classes]
     fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.8), squeeze=False)
-    for ax, depth in zip(axes[0], chosen):
+    for ax, depth in zip(axes[0], chosen, strict=True):
         im = ax.imshow(corr.matrices[depth], cmap="coolwarm", vmin=-1, vmax=1)
         ax.set_title(f"{depth}: mean between-class r = {corr.mean_between[depth]:.2f}", fontsize=8)
         if len(names) <= 20:

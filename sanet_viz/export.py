@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import charts
-from .analysis import AnalysisResult
+from .results import AnalysisResult
 
 __all__ = ["write_result", "zip_folder", "RESULT_FILE"]
 

@@ -1,4 +1,5 @@
-"""Hook owners: each keeps its handles and removes them on ``__exit__``. Always use with ``with``."""
+"""Things that attach to a model for one pass and are undone on ``__exit__``: hook owners (each
+keeps its handles and removes them) and :class:`ModelStateGuard`. Always use them with ``with``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["resolve_module", "HookOwner", "FeatureCapture", "SAGateRecorder"]
+__all__ = ["resolve_module", "HookOwner", "FeatureCapture", "SAGateRecorder", "ModelStateGuard"]
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
@@ -99,3 +100,24 @@ class SAGateRecorder(HookOwner):
 
     def __enter__(self) -> SAGateRecorder:
         return self
+
+
+class ModelStateGuard:
+    """Puts back, on exit, what a pass may change on a shared model: every module's train/eval
+    mode, every parameter's ``requires_grad`` and its ``.grad`` (pytorch-grad-cam calls
+    ``model.eval()`` and ``zero_grad()``, and a backward fills ``.grad``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modes = [(m, m.training) for m in model.modules()]
+        self._params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+
+    def __enter__(self) -> ModelStateGuard:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for m, training in self._modes:
+            m.training = training
+        for p, requires_grad, grad in self._params:
+            p.requires_grad_(requires_grad)
+            p.grad = grad

@@ -28,6 +28,7 @@ __all__ = [
     "sa_module_names",
     "paper_name_to_module",
     "module_to_paper_name",
+    "paper_name_or_none",
     "bottleneck_names",
     "fold_channel_shuffle",
     "inference_copy",
@@ -268,6 +269,14 @@ def module_to_paper_name(module_name: str) -> str:
     if not m:
         raise ValueError(f"not a bottleneck module name: {module_name!r}")
     return f"SA_{int(m.group(1)) + 1}_{int(m.group(2)) + 1}"
+
+
+def paper_name_or_none(module_name: str) -> str | None:
+    """The paper name of a bottleneck or its SA module, None for other modules (``layer4.2.bn3``)."""
+    try:
+        return module_to_paper_name(module_name)
+    except ValueError:
+        return None
 
 
 def bottleneck_names(model: nn.Module) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -13,7 +13,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms import functional as TF
 
-from .weights import IMAGENET_MEAN, IMAGENET_STD
+from .limits import limit_default, parse_size
+from .weights import IMAGENET_EVAL, EvalTransform
 
 __all__ = ["ImageDecodeError", "DecodeLimits", "decode_image", "PreparedImage", "prepare", "DEFAULT_LIMITS",
            "SUPPORTED_FORMATS", "parse_size"]
@@ -29,35 +30,18 @@ Image.init()
 SUPPORTED_FORMATS: tuple[str, ...] = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 _SUPPORTED_TEXT = ", ".join("PNM" if f == "PPM" else f for f in SUPPORTED_FORMATS)
 
-_SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in ``20mb``, ``512KB``, ``1.5gb`` or ``1048576`` (units are powers of 1024, as in Gradio)."""
-    if isinstance(text, int):
-        return text
-    cleaned = str(text).replace(" ", "").upper()
-    digits = len(cleaned) - len(cleaned.lstrip("0123456789."))
-    number, unit = cleaned[:digits], cleaned[digits:] or "B"
-    if not number or unit not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 20mb, 512kb, 1048576)")
-    return int(float(number) * _SIZE_UNITS[unit])
-
-
-def _default_max_bytes() -> int:
-    text = os.environ.get("SANET_VIZ_MAX_FILE_SIZE") or os.environ.get("SANET_VIZ_MAX_FILE_BYTES")
-    return parse_size(text) if text else 50 * 1024 * 1024
-
-
 class ImageDecodeError(ValueError):
     """The input is not a picture we can analyse; the message names it and says why."""
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    max_pixels: int = int(os.environ.get("SANET_VIZ_MAX_PIXELS", 50_000_000))
-    max_bytes: int = _default_max_bytes()
-    max_aspect: float = 100.0  # width/height beyond this leaves no content after the centre crop
+    """What a decoded input may be; defaults from :data:`limits.LIMITS` (read when constructed)."""
+
+    max_pixels: int = field(default_factory=lambda: int(limit_default("max_pixels")))
+    max_bytes: int = field(default_factory=lambda: int(limit_default("max_file_size")))
+    # width/height beyond this leaves no content after the centre crop
+    max_aspect: float = field(default_factory=lambda: float(limit_default("max_aspect")))
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -107,7 +91,7 @@ def decode_image(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS,
         raise
     except MemoryError as exc:
         raise ImageDecodeError(f"{label}: too large to decode in the memory available") from exc
-    except Exception as exc:  # noqa: BLE001 - hostile bytes reach PIL's decoders: any failure is a bad file
+    except Exception as exc:
         raise ImageDecodeError(f"{label}: corrupt or truncated image ({_short(exc)})") from exc
 
 
@@ -124,7 +108,7 @@ def _open(data: bytes, label: str, limits: DecodeLimits) -> Image.Image:
                                f"supported: {_SUPPORTED_TEXT}") from exc
     except MemoryError as exc:
         raise ImageDecodeError(f"{label}: too large to decode in the memory available") from exc
-    except Exception as exc:  # noqa: BLE001 - a recognised header that its parser rejects
+    except Exception as exc:
         raise ImageDecodeError(f"{label}: not a readable image ({_short(exc)})") from exc
 
 
@@ -191,7 +175,7 @@ def _read_bytes(source: str | os.PathLike[str] | bytes | BinaryIO, label: str, l
     else:
         try:
             data = source.read(limits.max_bytes + 1)
-        except Exception as exc:  # noqa: BLE001 - any file-like object
+        except Exception as exc:
             raise ImageDecodeError(f"{label}: cannot be read ({_short(exc)})") from exc
         if not isinstance(data, bytes):
             raise ImageDecodeError(f"{label}: expected binary data, got {type(data).__name__}")
@@ -253,16 +237,16 @@ class PreparedImage:
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
 
 
-def prepare(image: Image.Image, *, resize_size: int = 256, crop_size: int = 224,
-            mean: tuple[float, float, float] = IMAGENET_MEAN,
-            std: tuple[float, float, float] = IMAGENET_STD) -> PreparedImage:
-    """Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize, as in the official evaluation."""
-    cropped = TF.center_crop(TF.resize(image, [resize_size], antialias=True), [crop_size])
+def prepare(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> PreparedImage:
+    """The weights' evaluation preprocessing (``WeightsDescription.transforms``): for both papers'
+    checkpoints Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet mean, std)."""
+    cropped = TF.center_crop(TF.resize(image, [transform.resize_size], antialias=True), [transform.crop_size])
     display = np.asarray(cropped, dtype=np.uint8).copy()
-    tensor = TF.normalize(TF.to_tensor(cropped), list(mean), list(std)).unsqueeze(0)
+    tensor = TF.normalize(TF.to_tensor(cropped), list(transform.mean), list(transform.std)).unsqueeze(0)
     return PreparedImage(tensor.contiguous(), display, image.size)
 
 
-def load_and_prepare(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS,
-                     name: str | None = None) -> PreparedImage:
-    return prepare(decode_image(source, limits=limits, name=name))
+def load_and_prepare(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS, name: str | None = None,
+                     transform: EvalTransform = IMAGENET_EVAL) -> PreparedImage:
+    """Decode ``source`` within ``limits`` and prepare it with ``transform``."""
+    return prepare(decode_image(source, limits=limits, name=name), transform)

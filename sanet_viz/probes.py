@@ -9,6 +9,7 @@ and min-max normalised, masks the input: score_k = softmax(model(x * a_k))[c].
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["group_maps", "probe_masks", "masked_scores", "GroupProbe", "PrecisionCheck", "autocast_for",
+__all__ = ["group_maps", "probe_masks", "masked_scores", "probe_scores", "GroupProbe", "PrecisionCheck", "autocast_for",
            "spearman", "PROBE_GROUPS"]
 
 PROBE_GROUPS = 64
@@ -90,6 +91,26 @@ def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *
         scores[chunk] = probs.gather(1, flat_classes[chunk, None]).squeeze(1)
         preds[chunk] = probs.argmax(-1)
     return scores.reshape(n, g), preds.reshape(n, g)
+
+
+def probe_scores(model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, *, batch_size: int = 16,
+                 precision: str = "fp32", channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """The probe of images ``x`` (N, 3, H, W) from their group maps (N, G, h, w): scores and
+    predictions (N, G) of every masked input (see :func:`masked_scores`) for ``classes`` (N,).
+
+    The one probe path of the analysis and of ``reproduce``. Masks are made for as many images at
+    a time as one batch of masked inputs needs, so memory stays bounded for any N.
+    """
+    images_per_chunk = max(1, math.ceil(batch_size / maps.shape[1]))
+    classes = classes.to(x.device)
+    scores, preds = [], []
+    for chunk in torch.arange(len(x), device=x.device).split(images_per_chunk):
+        masks = probe_masks(maps[chunk].to(x.device), tuple(x.shape[-2:]))
+        s, p = masked_scores(model, x[chunk], masks, classes[chunk], batch_size=batch_size,
+                             precision=precision, channels_last=channels_last)
+        scores.append(s)
+        preds.append(p)
+    return torch.cat(scores), torch.cat(preds)
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from . import charts
-from .analysis import AnalysisOptions, AnalysisResult, Lab, add_probes, explain
+from .analysis import AnalysisOptions, AnalysisResult, add_probes, explain
 from .cam import CAM_METHODS
 from .correlation import class_correlation
 from .export import write_result, zip_folder
+from .lab import Lab
 from .models import module_to_paper_name
-from .preprocessing import DecodeLimits, ImageDecodeError, PreparedImage, load_and_prepare
+from .preprocessing import DecodeLimits, ImageDecodeError, PreparedImage
 from .weights import IMAGENET_CATEGORIES
 
 __all__ = ["build_demo", "AppSettings", "THEME", "CSS", "class_choices", "layer_choices", "UploadedImage"]
@@ -167,9 +168,8 @@ def compare_view(result: AnalysisResult, opacity: float) -> list[Any]:
         out.append(charts.overlay(result.display, m.cam, opacity=opacity))
         out.append({p.label: p.prob for p in m.top5})
         status = "pretrained" if m.weights.pretrained else "**UNTRAINED weights**"
-        label = IMAGENET_CATEGORIES[m.target_class] if m.target_class < len(IMAGENET_CATEGORIES) else ""
         out.append(f"{CAM_METHODS[m.cam_method][1]} at **{module_to_paper_name(m.cam_layer)}** "
-                   f"(`{m.cam_layer}`), explaining class **{m.target_class} {label}**; {status}; "
+                   f"(`{m.cam_layer}`), explaining class **{m.target_class} {m.target_label}**; {status}; "
                    f"{m.timings_ms.get('cam', 0):.0f} ms")
     return out
 
@@ -207,9 +207,8 @@ def group_detail_view(result: AnalysisResult, k: int) -> tuple[np.ndarray | None
             "then mixes in the identity path."]
     if sanet.sa_gates and "SA_5_3" in sanet.sa_gates:
         gates = sanet.sa_gates["SA_5_3"]
-        for g in sa_groups:
-            text.append(f"- SA group {g}: mean channel gate {gates['channel'][g]:.3f}, "
-                        f"mean spatial gate {gates['spatial'][g]:.3f}")
+        text += [f"- SA group {g}: mean channel gate {gates['channel'][g]:.3f}, "
+                 f"mean spatial gate {gates['spatial'][g]:.3f}" for g in sa_groups]
     if sanet.probe is not None:
         text.append(f"- probe score {float(sanet.probe.scores[k]):.3f} "
                     f"(unmasked {sanet.probe.unmasked_score:.3f})")
@@ -230,7 +229,7 @@ def nearest_view(sa_gates: dict[str, dict[str, np.ndarray]], profiles: Any) -> s
     if profiles is None:
         return ("*Nearest classes: start the app with `--profiles OUT/profiles.npz` (written by "
                 "`python -m sanet_viz reproduce`) to compare this image with per-class SA profiles.*")
-    from .reproduce import nearest_classes_for
+    from .profiles import nearest_classes_for
 
     nearest = nearest_classes_for(sa_gates, profiles, k=3)
     source = "pretrained" if profiles.pretrained else "**UNTRAINED**"
@@ -263,7 +262,7 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                            print_exception=False) from None
         if key != session.image_key or session.image is None:
             try:
-                image = load_and_prepare(path, limits=settings.limits, name=Path(path).name)
+                image = lab.prepare(path, limits=settings.limits, name=Path(path).name)
             except ImageDecodeError as exc:  # the visitor's file: a message for them, one log line here
                 log.info("refused upload: %s", exc)
                 raise gr.Error(str(exc), print_exception=False) from None
@@ -347,7 +346,7 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
         for i, path in enumerate(progress.tqdm(files, desc="SA gates per image")):
             name = Path(path).name
             try:
-                image = load_and_prepare(path, limits=settings.limits, name=name)
+                image = lab.prepare(path, limits=settings.limits, name=name)
             except ImageDecodeError as exc:
                 skipped.append(str(exc))
                 continue
@@ -400,29 +399,33 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                     layers = layer_choices(lab)
                     layer = gr.Dropdown(layers, value=layers[0][1] if layers else None, label="Target layer")
                     opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
-            with gr.Column(scale=3):
-                with gr.Tabs():
+            with gr.Column(scale=3), gr.Tabs():
                     with gr.Tab("Compare", id="compare"):
                         with gr.Row():
                             with gr.Column():
-                                r_img = gr.Image(label="ResNet50", interactive=False, format="png", elem_id="overlay-resnet50")
+                                r_img = gr.Image(label="ResNet50", interactive=False, format="png",
+                                                 elem_id="overlay-resnet50")
                                 r_lab = gr.Label(num_top_classes=5, label="ResNet50 top-5")
                                 r_txt = gr.Markdown()
                             with gr.Column():
-                                s_img = gr.Image(label="SANet50", interactive=False, format="png", elem_id="overlay-sanet50")
+                                s_img = gr.Image(label="SANet50", interactive=False, format="png",
+                                                 elem_id="overlay-sanet50")
                                 s_lab = gr.Label(num_top_classes=5, label="SANet50 top-5")
                                 s_txt = gr.Markdown()
                         gr.Markdown("Both overlays share one colour scale: 0 (blue) to 1 (red) of each map.")
                     with gr.Tab("SA groups", id="groups"):
-                        grid = gr.Image(label="SA_5_3: 64 group maps", interactive=False, height=520, format="png", elem_id="group-grid")
+                        grid = gr.Image(label="SA_5_3: 64 group maps", interactive=False, height=520, format="png",
+                                        elem_id="group-grid")
                         probe = gr.Image(label="Group probes: softmax of the predicted class with the input "
-                                         "masked by each group's map", interactive=False, format="png", elem_id="probe-chart")
+                                         "masked by each group's map", interactive=False, format="png",
+                                         elem_id="probe-chart")
                         probe_resnet = gr.Checkbox(False, label="Compare with ResNet50's probe (64 more "
                                                    "forwards: about as long as SANet50's again)",
                                                    elem_id="probe-resnet")
                         group_k = gr.Slider(0, 63, value=0, step=1, label="Group (chunk) k")
                         with gr.Row():
-                            group_img = gr.Image(label="Group map", interactive=False, format="png", elem_id="group-detail")
+                            group_img = gr.Image(label="Group map", interactive=False, format="png",
+                                                 elem_id="group-detail")
                             group_txt = gr.Markdown()
                     with gr.Tab("Across depth", id="depth"):
                         gates_img = gr.Image(label="SA gates: depth x group", interactive=False,

@@ -14,7 +14,7 @@ import os
 import pickle
 import urllib.parse
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from torchvision.models import ResNet50_Weights
 from . import models
 
 __all__ = [
+    "EvalTransform",
+    "IMAGENET_EVAL",
     "WeightsDescription",
     "WeightsInfo",
     "WeightsError",
@@ -39,6 +41,7 @@ __all__ = [
     "sha256_of",
     "default_weights_dir",
     "offline",
+    "untrained_warning",
 ]
 
 IMAGENET_CATEGORIES: list[str] = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
@@ -51,8 +54,27 @@ class WeightsError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class EvalTransform:
+    """The evaluation preprocessing a checkpoint was measured with (read by preprocessing.prepare):
+    Resize(resize_size) -> CenterCrop(crop_size) -> ToTensor -> Normalize(mean, std)."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+# Both papers' checkpoints: torchvision's ResNet50 IMAGENET1K_V1 and the released SA-Net models.
+IMAGENET_EVAL = EvalTransform()
+
+
+@dataclass(frozen=True)
 class WeightsDescription:
-    """What a set of published weights is: where it lives, what it predicts, how it was evaluated."""
+    """What a set of published weights is: where it lives, what it predicts, how it was evaluated.
+
+    As torchvision's ``Weights``: the builder takes its class count from ``categories``, results
+    name classes from it, and images are prepared with ``transforms``.
+    """
 
     name: str
     filenames: tuple[str, ...]  # names recognised in the weights folder, preferred first
@@ -60,11 +82,7 @@ class WeightsDescription:
     sha256: str | None = None  # of the published file, where known
     categories: list[str] = field(default_factory=lambda: IMAGENET_CATEGORIES)
     meta: Mapping[str, Any] = field(default_factory=dict)
-    # Evaluation preprocessing of both papers' checkpoints (see preprocessing.py).
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    transforms: EvalTransform = IMAGENET_EVAL
 
 
 RESNET50_IMAGENET1K_V1 = WeightsDescription(
@@ -84,11 +102,21 @@ SANET50_IMAGENET1K = WeightsDescription(
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """One model the lab serves: the single source of its configuration."""
+
     key: str  # "resnet50" / "sanet50": JSON keys and CLI flags
     display_name: str  # what a person reads
-    builder: Callable[[], nn.Module]
+    builder: Callable[..., nn.Module]  # keyword-only ``num_classes``
     weights: WeightsDescription
     env_var: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.weights.categories)
+
+    def build(self) -> nn.Module:
+        """The untrained architecture, with as many outputs as the weights have categories."""
+        return self.builder(num_classes=self.num_classes)
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {
@@ -122,6 +150,13 @@ class WeightsSource:
 
 
 UNTRAINED_SPECS = {"untrained", "none", "random"}
+
+
+def untrained_warning(names: Sequence[str], *, subject: str = "results") -> str:
+    """The one wording, everywhere, of "these results do not come from the published weights"."""
+    who = " and ".join(names)
+    return (f"{subject} come from UNTRAINED {who} (random weights): not those of the published "
+            f"model{'s' if len(names) > 1 else ''}; see README, 'Weights'")
 
 
 def offline() -> bool:
@@ -310,7 +345,7 @@ def build_model(spec: ModelSpec, explicit: str | None = None, *, weights_dir: Pa
     source = resolve_source(spec, explicit, weights_dir=weights_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = spec.builder()
+        model = spec.build()
     if source.kind == "torchvision":
         # The automatic download is the last resort before untrained weights: a host without
         # internet still starts (untrained, saying why). An explicit URL that fails stays an error.

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, ROOT, load_test_module
 
 ARTIFACTS = ROOT / "artifacts"
@@ -30,7 +29,7 @@ DEPTHS = [f"SA_{s}_{b}" for s, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for b in ra
 
 
 def write_profiles(path: Path, labels: list[str], seed: int = 0) -> Path:
-    """A profiles file in the layout `reproduce` writes (see reproduce.save_profiles)."""
+    """A profiles file in the layout `reproduce` writes (see profiles.ClassProfiles.save)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -135,7 +134,7 @@ def test_concurrent_requests_equal_single_requests(app_server: dict[str, object]
     single = [call(p) for p in images]
     with ThreadPoolExecutor(max_workers=2) as pool:
         together = list(pool.map(call, images))
-    for a, b in zip(single, together):
+    for a, b in zip(single, together, strict=True):
         for key in ("resnet50", "sanet50"):
             ma, mb = a["models"][key], b["models"][key]  # type: ignore[index]
             assert [p["index"] for p in ma["top5"]] == [p["index"] for p in mb["top5"]]
@@ -220,7 +219,7 @@ def test_browser_walkthrough(app_server: dict[str, object]) -> None:
 def test_nearest_view_ranks_the_matching_class_first(tmp_path: Path) -> None:
     import numpy as np
 
-    from sanet_viz.reproduce import load_profiles
+    from sanet_viz.profiles import load_profiles
     from sanet_viz.ui import nearest_view
 
     profiles = load_profiles(write_profiles(tmp_path / "p.npz", ["alpha", "beta", "gamma"], seed=3))

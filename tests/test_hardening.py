@@ -28,11 +28,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLES, ROOT, load_test_module
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT, load_test_module
-from sanet_viz.preprocessing import (SUPPORTED_FORMATS, DecodeLimits, ImageDecodeError, decode_image,
-                                     load_and_prepare, parse_size)
+from sanet_viz.preprocessing import (
+    SUPPORTED_FORMATS,
+    DecodeLimits,
+    ImageDecodeError,
+    decode_image,
+    load_and_prepare,
+    parse_size,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -421,7 +427,8 @@ def _model_state(lab: object) -> dict[str, tuple[int, int, int, int]]:
 @pytest.mark.slow
 def test_a_request_that_fails_midway_leaves_no_hooks_and_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
     from sanet_viz import analysis
-    from sanet_viz.analysis import AnalysisOptions, Lab, explain
+    from sanet_viz.analysis import AnalysisOptions, explain
+    from sanet_viz.lab import Lab
 
     lab = Lab.load(resnet50="untrained", sanet50="untrained", device="cpu")
     image = load_and_prepare(EXAMPLES / "chelsea.jpg")

@@ -102,7 +102,7 @@ def test_bf16_probe_on_the_inference_copy_matches_fp32(trained: SAResNet) -> Non
     """The fast path (shuffle folded, BN fused, channels_last, bf16) keeps the probe's numbers."""
     from scipy.stats import spearmanr
 
-    from sanet_viz.analysis import LoadedModel
+    from sanet_viz.lab import LoadedModel
     from sanet_viz.weights import WeightsInfo
 
     lm = LoadedModel("sanet50", "small SA-ResNet", trained, WeightsInfo("trained in the test", True),
@@ -122,5 +122,5 @@ def test_bf16_probe_on_the_inference_copy_matches_fp32(trained: SAResNet) -> Non
     assert (autocast_bf16 - exact).abs().max() <= 0.02
     assert torch.allclose(fast_fp32, exact, atol=1e-4)
     assert (fast_bf16 - exact).abs().max() <= 0.02
-    for a, b in zip(exact, fast_bf16):
+    for a, b in zip(exact, fast_bf16, strict=True):
         assert spearmanr(a.numpy(), b.numpy()).statistic >= 0.95

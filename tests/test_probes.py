@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import models
-from sanet_viz.analysis import AnalysisOptions, Lab, LoadedModel, analyze, bf16_supported
+from sanet_viz.analysis import AnalysisOptions, analyze
 from sanet_viz.cam import compute_cam
 from sanet_viz.hooks import SAGateRecorder
+from sanet_viz.lab import Lab, LoadedModel, bf16_supported
 from sanet_viz.preprocessing import PreparedImage
 from sanet_viz.probes import PrecisionCheck, group_maps, masked_scores, probe_masks, spearman
 from sanet_viz.weights import WeightsInfo
@@ -419,9 +420,9 @@ def test_auto_precision_checks_bf16_once_then_follows_the_verdict() -> None:
 
 
 def test_auto_precision_is_fp32_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sanet_viz.analysis as analysis
+    import sanet_viz.lab as lab_module
 
-    monkeypatch.setattr(analysis, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(lab_module, "bf16_supported", lambda device: False)
     lab = tiny_lab()
     result = analyze(lab, prepared(23), AnalysisOptions(precision="auto"))
     assert {r.precision for r in result.models.values()} == {"fp32"}
@@ -447,9 +448,10 @@ def test_compiled_probe_models_give_the_same_scores() -> None:
 
 
 def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sanet_viz.analysis import check_compiler
+    from sanet_viz.lab import check_compiler
 
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
-    with pytest.raises(ValueError, match=r"C\+\+ compiler \('no-such-c\+\+-compiler' is not on PATH\).*without --compile"):
+    with pytest.raises(ValueError,
+                       match=r"C\+\+ compiler \('no-such-c\+\+-compiler' is not on PATH\).*without --compile"):
         check_compiler(torch.device("cpu"))
     check_compiler(torch.device("cuda"))  # GPU kernels come from Triton, not a host compiler

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import ROOT, randomize_sa
 from PIL import Image
 from torchvision.models import resnet as tv_resnet
 
-from conftest import ROOT, randomize_sa
 from sanet_viz import models
 from sanet_viz import reproduce as rp
-from sanet_viz.analysis import AnalysisOptions, Lab, LoadedModel, analyze, bf16_supported
+from sanet_viz.analysis import AnalysisOptions, analyze
 from sanet_viz.correlation import class_correlation
+from sanet_viz.lab import Lab, LoadedModel, bf16_supported
 from sanet_viz.preprocessing import decode_image, prepare
 from sanet_viz.probes import PrecisionCheck
+from sanet_viz.profiles import load_profiles, nearest_classes_for
 from sanet_viz.weights import WeightsInfo
 
 NUM_CLASSES = 5
@@ -106,7 +108,7 @@ def test_numbers_match_a_per_image_computation(folder: Path, one_process: tuple[
     assert result.images == 9 and result.decode_errors == 1
     assert "zz_broken.jpg" in result.decode_error_examples[0]
     options = AnalysisOptions(precision="fp32", probe_batch_size=GROUPS)
-    correct = {k: 0 for k in lab.models}
+    correct = dict.fromkeys(lab.models, 0)
     group_correct = {k: np.zeros(GROUPS, int) for k in lab.models}
     group_score = {k: np.zeros(GROUPS) for k in lab.models}
     gates, labels = [], []
@@ -219,25 +221,25 @@ def test_outputs_profiles_and_nearest_classes(folder: Path, one_process: tuple[r
     rows = (tmp_path / "group_accuracy.csv").read_text().splitlines()
     assert rows[0].startswith("group,resnet50_top1") and len(rows) == GROUPS + 2
 
-    profiles = rp.load_profiles(tmp_path / "profiles.npz")
+    profiles = load_profiles(tmp_path / "profiles.npz")
     assert list(profiles.classes) == list(CLASSES) and list(profiles.counts) == [3, 3, 3]
     assert profiles.pretrained is False and profiles.channel.shape == (4, 3, 4)
     # A class's own mean profile is its nearest class at every depth.
     own = {d: {"channel": profiles.channel[i, 1], "spatial": profiles.spatial[i, 1]}
            for i, d in enumerate(profiles.depths)}
-    nearest = rp.nearest_classes_for(own, tmp_path / "profiles.npz", k=2)
+    nearest = nearest_classes_for(own, tmp_path / "profiles.npz", k=2)
     assert list(nearest) == profiles.depths
     for hits in nearest.values():
         assert hits[0].index == CLASSES[1] and hits[0].r == pytest.approx(1.0) and len(hits) == 2
     # The app's path: one uploaded image's gates from analyze.
     image = prepare(decode_image(next(folder.rglob("img0.jpg"))))
     gates = analyze(lab, image, AnalysisOptions(probe=False)).models["sanet50"].sa_gates
-    hits = rp.nearest_classes_for(gates, profiles)
+    hits = nearest_classes_for(gates, profiles)
     assert set(hits) == set(profiles.depths) and all(len(v) == 3 for v in hits.values())
     assert all(-1 <= h.r <= 1 and h.label for v in hits.values() for h in v)
-    assert rp.nearest_classes_for(None, profiles) == {}
+    assert nearest_classes_for(None, profiles) == {}
     with pytest.raises(ValueError, match="groups"):
-        rp.nearest_classes_for({"SA_2_1": {"channel": np.zeros(64), "spatial": np.zeros(64)}}, profiles)
+        nearest_classes_for({"SA_2_1": {"channel": np.zeros(64), "spatial": np.zeros(64)}}, profiles)
 
 
 def test_folder_layouts_and_class_files(tmp_path: Path) -> None:
@@ -281,7 +283,7 @@ def test_folder_layouts_and_class_files(tmp_path: Path) -> None:
     synsets = np.zeros((4, 1), dtype=[(f, "O") for f in fields])
     for row, values in enumerate([(1, "n02119789", "kit fox", "", 0), (2, "n01440764", "tench", "", 0),
                                   (3, "n00001740", "entity", "", 2), (4, "n01443537", "goldfish", "", 0)]):
-        for f, v in zip(fields, values):
+        for f, v in zip(fields, values, strict=True):
             synsets[row, 0][f] = v
     devkit = tmp_path / "devkit" / "data"
     devkit.mkdir(parents=True)
@@ -345,10 +347,11 @@ def test_cli_end_to_end_with_full_size_untrained_models(tmp_path: Path) -> None:
         check = summary["models"][key]["bf16_check"]  # --precision auto on a bf16 CPU checks first
         assert summary["models"][key]["probe_precision"] in {"fp32", "bf16"}
         if bf16_supported(torch.device("cpu")):
-            assert check["image"] and summary["models"][key]["probe_precision"] == ("bf16" if check["passed"] else "fp32")
+            assert check["image"] and summary["models"][key]["probe_precision"] == (
+                "bf16" if check["passed"] else "fp32")
     depths = summary["models"]["sanet50"]["sa_depths"]
     assert len(depths) == 16 and depths[0] == "SA_2_1" and depths[-1] == "SA_5_3"
-    profiles = rp.load_profiles(out / "profiles.npz")
+    profiles = load_profiles(out / "profiles.npz")
     assert profiles.channel.shape == (16, 2, 64) and profiles.pretrained is False
     for name in ("group_accuracy.png", "correlation_vs_depth.png", "correlation_matrices.png"):
         assert (out / name).stat().st_size > 1000

@@ -21,12 +21,13 @@ from sanet_viz.weights import MODEL_SPECS, ModelSpec, WeightsDescription, Weight
 TINY_ENV = "SANET_VIZ_TEST_TINY_WEIGHTS"
 
 
-def tiny_builder() -> models.SAResNet:
-    return models.SAResNet([1, 1, 1, 1], num_classes=10, sa_groups=4, planes=(8, 16, 32, 64))
+def tiny_builder(*, num_classes: int) -> models.SAResNet:
+    return models.SAResNet([1, 1, 1, 1], num_classes=num_classes, sa_groups=4, planes=(8, 16, 32, 64))
 
 
 TINY_SPEC = ModelSpec("tiny", "Tiny SA-ResNet", tiny_builder,
-                      WeightsDescription(name="tiny", filenames=("tiny.pth.tar", "tiny.safetensors")), TINY_ENV)
+                      WeightsDescription(name="tiny", filenames=("tiny.pth.tar", "tiny.safetensors"),
+                                         categories=[f"class {i}" for i in range(10)]), TINY_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def tiny_state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = tiny_builder()
+    model = TINY_SPEC.build()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # SA parameters off their 0/1 init
@@ -212,7 +213,7 @@ def test_code_executing_pickle_is_refused(tmp_path: Path, writer: str) -> None:
         if writer == "torch.save":
             torch.load(f, weights_only=False)
         else:
-            pickle.load(f)  # noqa: S301 - deliberate, on a file this test wrote
+            pickle.load(f)
     assert marker.exists()
 
 

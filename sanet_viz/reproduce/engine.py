@@ -1,0 +1,335 @@
+"""The data-set engine: every model of a lab over a list of samples, kept as sums and counts.
+
+:func:`run` is a few named steps: plan (classes, precisions, fingerprint), restore a checkpoint,
+load this rank's shard, loop (with checkpoints), reduce across ranks, build the result. Tests
+drive it with tiny models; ``cli/reproduce.py`` is the command line around it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .. import models
+from ..analysis import AnalysisOptions, explain_model, probe_model
+from ..hooks import FeatureCapture, SAGateRecorder, resolve_module
+from ..lab import Lab, LoadedModel
+from ..preprocessing import PreparedImage
+from ..probes import group_maps
+from . import distributed
+from .classes import DatasetError
+from .data import ImageDataset, Sample, ShardSampler, shard_size
+from .result import ReproduceResult, device_info
+from .state import Progress, ReproduceStateError, fingerprint, restore, save_state, state_path
+
+__all__ = ["ReproduceOptions", "ReproduceInterrupted", "evaluate_batch", "decide_precisions", "run"]
+
+
+@dataclass
+class ReproduceOptions:
+    batch_size: int = 8  # images per loader batch (unmasked forward)
+    probe_batch_size: int = 32  # masked inputs per forward
+    precision: str = "fp32"  # of the masked forwards ("auto": see decide_precisions); unmasked is fp32
+    model_precision: dict[str, str] | None = None  # per model, resolved by run(); wins over precision
+    workers: int = 0
+    probe: bool = True
+    checkpoint_every: int = 20  # batches between saved states (per rank)
+    fresh: bool = False  # ignore a saved state
+    progress: bool = True
+    stop_after_batches: int | None = None  # testing hook: save and stop as if interrupted
+    max_error_examples: int = 20
+
+    def precision_for(self, key: str) -> str:
+        return (self.model_precision or {}).get(key, self.precision)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.probe_batch_size < 1:
+            raise ValueError("batch sizes must be at least 1")
+        if self.checkpoint_every < 1:
+            raise ValueError("--checkpoint-every must be at least 1")
+
+
+class ReproduceInterrupted(RuntimeError):
+    """Stopped before the end; the partial sums are saved and a rerun continues."""
+
+
+def _sa_groups(lm: LoadedModel) -> int:
+    first = next(iter(lm.sa_modules.values()))
+    return int(resolve_module(lm.model, first).groups)
+
+
+def _zero_sums(lab: Lab, num_classes: int, probe: bool, device: torch.device) -> dict[str, Tensor]:
+    i64, f64 = {"dtype": torch.int64, "device": device}, {"dtype": torch.float64, "device": device}
+    sums = {"images": torch.zeros((), **i64), "decode_errors": torch.zeros((), **i64),
+            "class_images": torch.zeros(num_classes, **i64)}
+    for key, lm in lab.models.items():
+        sums[f"{key}.correct"] = torch.zeros((), **i64)
+        sums[f"{key}.class_correct"] = torch.zeros(num_classes, **i64)
+        sums[f"{key}.unmasked_score"] = torch.zeros((), **f64)
+        if probe:
+            sums[f"{key}.group_correct"] = torch.zeros(lm.probe_groups, **i64)
+            sums[f"{key}.group_score"] = torch.zeros(lm.probe_groups, **f64)
+        if lm.has_sa:
+            shape = (len(lm.sa_modules), num_classes, _sa_groups(lm))
+            sums[f"{key}.gate_channel"] = torch.zeros(shape, **f64)
+            sums[f"{key}.gate_spatial"] = torch.zeros(shape, **f64)
+    return sums
+
+
+@dataclass
+class _ModelBatch:
+    correct: Tensor  # (B,) bool
+    unmasked_score: Tensor  # (B,) softmax of the predicted class
+    group_correct: Tensor | None  # (B, G) bool
+    group_score: Tensor | None  # (B, G)
+    channel: Tensor | None  # (D, B, Gsa)
+    spatial: Tensor | None
+
+
+@torch.no_grad()
+def evaluate_batch(lm: LoadedModel, x: Tensor, y: Tensor, options: ReproduceOptions) -> _ModelBatch:
+    """One model on one batch: the unmasked forward (fp32, hooked) and the group probe."""
+    with lm.lock, FeatureCapture(lm.model, [lm.probe_layer]) as capture, \
+            SAGateRecorder(lm.model, lm.sa_modules) as gates:
+        logits = lm.model(x).float()
+    predicted = logits.argmax(-1)
+    unmasked = torch.softmax(logits, -1).gather(1, predicted[:, None]).squeeze(1)
+    group_correct = group_score = None
+    if options.probe:
+        maps = group_maps(capture.outputs[lm.probe_layer], lm.probe_groups)
+        with lm.lock:
+            group_score, preds = lm.run_probe(x, maps, predicted, precision=options.precision_for(lm.key),
+                                              batch_size=options.probe_batch_size)
+        group_correct = preds == y[:, None]
+    channel = spatial = None
+    if lm.has_sa:
+        channel = torch.stack([gates.channel[d] for d in lm.sa_modules]).double()
+        spatial = torch.stack([gates.spatial[d] for d in lm.sa_modules]).double()
+    return _ModelBatch(predicted == y, unmasked, group_correct, group_score, channel, spatial)
+
+
+def decide_precisions(lab: Lab, root: str | Path, samples: Sequence[Sample],
+                      options: ReproduceOptions) -> dict[str, str]:
+    """Per model, the masked forwards' precision: an explicit fp32/bf16 as asked; ``auto`` as the
+    analysis does it (bf16 where native and where bf16 matches fp32 by the issue's rule on the
+    data set's first decodable image, else fp32). Every rank decides on the same image.
+    """
+    wanted = {key: lm.probe_precision(options.precision) for key, lm in lab.models.items()}
+    if "check" in wanted.values() and options.probe:
+        dataset = ImageDataset(root, samples, transform=lab.transform)
+        first = next((item for item in (dataset[i] for i in range(min(len(dataset), 50))) if item[3]), None)
+        if first is not None:
+            image = PreparedImage(first[0][None], np.zeros((1, 1, 3), np.uint8), tuple(first[0].shape[-2:]))
+            name = samples[first[2]].path
+            for key, lm in lab.models.items():
+                if wanted[key] == "check":
+                    with lm.lock:
+                        explained = explain_model(lm, image, AnalysisOptions(precision="auto", gates=False))
+                        probe_model(lm, image, explained, AnalysisOptions(precision="auto"), name=name)
+                        wanted[key] = lm.probe_precision("auto")
+    return {key: value.replace("check", "fp32") for key, value in wanted.items()}
+
+
+def _commit(sums: dict[str, Tensor], y: Tensor, outs: Mapping[str, _ModelBatch]) -> None:
+    sums["images"] += len(y)
+    sums["class_images"].index_add_(0, y, torch.ones_like(y))
+    for key, o in outs.items():
+        sums[f"{key}.correct"] += o.correct.sum()
+        sums[f"{key}.class_correct"].index_add_(0, y, o.correct.long())
+        sums[f"{key}.unmasked_score"] += o.unmasked_score.double().sum()
+        if o.group_correct is not None and o.group_score is not None:
+            sums[f"{key}.group_correct"] += o.group_correct.long().sum(0)
+            sums[f"{key}.group_score"] += o.group_score.double().sum(0)
+        if o.channel is not None and o.spatial is not None:
+            sums[f"{key}.gate_channel"].index_add_(1, y, o.channel)
+            sums[f"{key}.gate_spatial"].index_add_(1, y, o.spatial)
+
+
+@dataclass
+class _Plan:
+    """What every rank has agreed to compute."""
+
+    options: ReproduceOptions  # with each model's precision resolved
+    num_classes: int
+    fingerprint: str
+    rank: int
+    world: int
+
+
+def _plan(lab: Lab, root: str | Path, samples: Sequence[Sample], options: ReproduceOptions) -> _Plan:
+    """Step 1: check classes and labels, decide precisions, fingerprint the run."""
+    rank, world = distributed.rank_world()
+    num_classes = {lm.num_classes for lm in lab.models.values()}
+    if len(num_classes) != 1:
+        raise ValueError(f"the models predict different numbers of classes: {sorted(num_classes)}")
+    k_classes = num_classes.pop()
+    bad = [s for s in samples if not 0 <= s.label < k_classes]
+    if bad:
+        raise DatasetError(f"{bad[0].path}: label {bad[0].label} is outside the models' 0..{k_classes - 1}")
+    model_precision = decide_precisions(lab, root, samples, options)
+    distinct = set(model_precision.values())
+    precision = distinct.pop() if len(distinct) == 1 else ", ".join(f"{k} {v}" for k, v in model_precision.items())
+    options = replace(options, precision=precision, model_precision=model_precision)
+    meta = {"world": world, "precision": options.precision, "probe": options.probe, "num_classes": k_classes,
+            "models": {k: [lm.weights.source, lm.weights.sha256, lm.probe_layer, lm.probe_groups,
+                           list(lm.sa_modules)] for k, lm in lab.models.items()}}
+    return _Plan(options, k_classes, fingerprint(samples, meta), rank, world)
+
+
+def _restore_checkpoint(plan: _Plan, progress: Progress, state_dir: Path | None, device: torch.device,
+                        say: Callable[[str], None]) -> Path | None:
+    """Step 2: continue from this rank's saved state, if it is this run's; every rank must agree."""
+    path = state_path(state_dir, plan.rank, plan.world) if state_dir is not None else None
+    problem = ""
+    if path is not None:
+        if plan.options.fresh and path.exists():
+            path.unlink()
+        elif path.exists():
+            problem = restore(path, plan.fingerprint, progress)
+        if plan.rank == 0 and not plan.options.fresh and state_dir.is_dir():
+            mine = f"-of-{plan.world:04d}.pt"
+            others = [p.name for p in state_dir.glob("rank*-of-*.pt") if not p.name.endswith(mine)]
+            if others:
+                say(f"note: ignoring saved states of a run with another number of processes: {others[0]} ...")
+    if len(set(distributed.gather_objects(plan.fingerprint))) > 1 and not problem:
+        problem = ("the ranks see different data or models (every rank needs the same folder contents, "
+                   "--limit, weights and precision)")
+    if not distributed.all_agree(not problem, device):
+        raise ReproduceStateError(problem or "another rank could not use its saved state (see its error)")
+    return path
+
+
+def _loader(lab: Lab, root: str | Path, samples: Sequence[Sample], plan: _Plan, done: int) -> DataLoader:
+    """Step 3: this rank's shard, from where it stopped."""
+    options = plan.options
+    return DataLoader(ImageDataset(root, samples, transform=lab.transform), batch_size=options.batch_size,
+                      sampler=ShardSampler(len(samples), plan.rank, plan.world, done),
+                      num_workers=options.workers, pin_memory=lab.device.type == "cuda",
+                      prefetch_factor=4 if options.workers else None, persistent_workers=False)
+
+
+def _progress_bar(lab: Lab, plan: _Plan, total: int, done: int) -> object | None:
+    if plan.rank != 0 or not plan.options.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+                desc=f"reproduce (rank 0 of {plan.world})" if plan.world > 1 else "reproduce")
+
+
+def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: Path | None, total: int,
+          say: Callable[[str], None]) -> int:
+    """Step 4: evaluate every batch, commit its counts, save a checkpoint every few batches.
+
+    Returns the samples counted in this session. Ctrl-C/SIGTERM saves what was committed.
+    """
+    options, device = plan.options, lab.device
+    session = batches = 0
+    committing = False
+    start = time.perf_counter()
+
+    def checkpoint() -> None:
+        if path is not None:
+            save_state(path, plan.fingerprint, progress, progress.earlier_seconds + time.perf_counter() - start)
+
+    bar = _progress_bar(lab, plan, total, progress.done)
+    try:
+        for x, y, _index, ok, messages in loader:
+            bad = [m for m, good in zip(messages, ok.tolist(), strict=True) if not good]
+            for msg in bad:
+                if bar is not None:
+                    bar.write(f"skipped: {msg}", file=sys.stderr)  # type: ignore[attr-defined]
+                if len(progress.errors) < options.max_error_examples:
+                    progress.errors.append(msg)
+            x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            outs = {key: evaluate_batch(lm, x, y, options) for key, lm in lab.models.items()} if len(y) else {}
+            committing = True
+            if len(y):
+                _commit(progress.sums, y, outs)
+            progress.sums["decode_errors"] += len(bad)
+            progress.done += len(ok)
+            committing = False
+            session += len(ok)
+            batches += 1
+            if bar is not None:
+                _show_accuracy(bar, lab, progress.sums, len(ok))
+            if batches % options.checkpoint_every == 0:
+                checkpoint()
+            if options.stop_after_batches is not None and batches >= options.stop_after_batches:
+                checkpoint()
+                raise ReproduceInterrupted(f"stopped after {batches} batches ({progress.done} of {total} images); "
+                                           "run again to continue")
+    except KeyboardInterrupt:
+        if path is not None and not committing:
+            checkpoint()
+            say(f"\ninterrupted: partial sums saved in {path.parent}; run the same command to continue")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
+    checkpoint()
+    progress.earlier_seconds += time.perf_counter() - start  # now: all sessions' loop time
+    return session
+
+
+def _show_accuracy(bar: object, lab: Lab, sums: Mapping[str, Tensor], advanced: int) -> None:
+    bar.update(advanced)  # type: ignore[attr-defined]
+    seen = int(sums["images"])
+    if seen:
+        bar.set_postfix({lm.display_name: f"{int(sums[f'{k}.correct']) / seen:.1%}"  # type: ignore[attr-defined]
+                         for k, lm in lab.models.items()}, refresh=False)
+
+
+def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: ReproduceOptions, *,
+        state_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> ReproduceResult:
+    """Evaluate every model of ``lab`` on ``samples`` (paths relative to ``root``).
+
+    Under torch.distributed (initialised by the caller), each rank takes every world-th sample and
+    the sums are all-reduced at the end, so every rank returns the same result. With
+    ``state_dir``, partial sums are saved there (per rank) every ``checkpoint_every`` batches and
+    on Ctrl-C/SIGTERM, and a later call with the same data, models and world size continues.
+    """
+    device = lab.device
+    plan = _plan(lab, root, samples, options)
+    say = log if (log and plan.rank == 0) else (lambda _m: None)
+    progress = Progress(_zero_sums(lab, plan.num_classes, plan.options.probe, device))
+    path = _restore_checkpoint(plan, progress, Path(state_dir) if state_dir is not None else None, device, say)
+    resumed = int(progress.sums["images"] + progress.sums["decode_errors"])
+    total = shard_size(len(samples), plan.rank, plan.world)
+    if progress.done:
+        say(f"resuming: {progress.done} of this rank's {total} images were done before")
+    started = time.perf_counter()
+    session = _loop(lab, _loader(lab, root, samples, plan, progress.done), plan, progress, path, total, say)
+    return _reduce_and_build(lab, plan, progress, session, resumed, time.perf_counter() - started)
+
+
+def _reduce_and_build(lab: Lab, plan: _Plan, progress: Progress, session: int, resumed: int,
+                      seconds: float) -> ReproduceResult:
+    """Steps 5 and 6: sums of every rank, the slowest rank's times, and the result."""
+    distributed.reduce_sums(progress.sums)
+    counts = {"session": torch.tensor(session, device=lab.device), "resumed": torch.tensor(resumed, device=lab.device)}
+    distributed.reduce_sums(counts)
+    errors = distributed.gather_lists(progress.errors)[: plan.options.max_error_examples]
+    seconds, seconds_total = distributed.max_across_ranks([seconds, progress.earlier_seconds], lab.device)
+    options = plan.options
+    model_info = {key: {"display_name": lm.display_name, "pretrained": lm.weights.pretrained,
+                        "weights": lm.weights.to_dict(), "weights_note": lm.weights.note,
+                        "probe_layer": lm.probe_layer, "probe_paper_name": models.paper_name_or_none(lm.probe_layer),
+                        "sa_depths": list(lm.sa_modules), "probe_precision": options.precision_for(key),
+                        "bf16_check": lm.bf16_check.to_dict() if lm.bf16_check else None}
+                  for key, lm in lab.models.items()}
+    first = next(iter(lab.models.values()))
+    return ReproduceResult({k: v.cpu().numpy() for k, v in progress.sums.items()}, model_info,
+                           list(first.categories or ()), errors, {**device_info(lab.device), "processes": plan.world},
+                           options.precision, plan.world, seconds, seconds_total, int(counts["session"]),
+                           int(counts["resumed"]))

@@ -1,0 +1,129 @@
+"""What an analysis is asked (:class:`AnalysisOptions`) and what it returns: per model,
+predictions, the CAM, group maps, probe and SA gates; and ``to_dict``, the result.json contract
+that other tools rely on (see the README)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import models
+from .cam import CAM_METHODS
+from .probes import GroupProbe, PrecisionCheck
+from .weights import IMAGENET_CATEGORIES, WeightsInfo, untrained_warning
+
+__all__ = ["AnalysisOptions", "Prediction", "ModelResult", "AnalysisResult"]
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    method: str = "gradcam"
+    target_class: int | None = None  # None: each model explains its own top-1
+    cam_layer: str | None = None  # None: the probe layer (layer4.2); paper names accepted
+    precision: str = "auto"  # of the probe's masked forwards; CAM is always fp32
+    probe: bool = True
+    probe_models: tuple[str, ...] | None = None  # None: every model
+    probe_batch_size: int = 16
+    gates: bool = True
+    # Classes of the models it runs on (their weights' categories); each model checks again.
+    num_classes: int = len(IMAGENET_CATEGORIES)
+
+    def __post_init__(self) -> None:
+        if self.method not in CAM_METHODS:
+            raise ValueError(f"unknown CAM method {self.method!r}; choose from {', '.join(CAM_METHODS)}")
+        if self.target_class is not None and not 0 <= self.target_class < self.num_classes:
+            raise ValueError(f"target class must be one of the models' {self.num_classes} classes "
+                             f"0..{self.num_classes - 1}, got {self.target_class}")
+        if self.precision not in {"auto", "fp32", "bf16"}:
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.probe_batch_size < 1:
+            raise ValueError("probe batch size must be at least 1")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    prob: float
+    logit: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "prob": self.prob, "logit": self.logit}
+
+
+@dataclass
+class ModelResult:
+    key: str
+    display_name: str
+    weights: WeightsInfo
+    top5: list[Prediction]
+    target_class: int
+    target_label: str  # the class's name in the model's categories
+    cam: np.ndarray  # (H, W) float32 in [0, 1]
+    cam_method: str
+    cam_layer: str
+    group_maps: np.ndarray  # (G, h, w) raw channel means of the probe layer's chunks
+    probe: GroupProbe | None
+    sa_gates: dict[str, dict[str, np.ndarray]] | None  # paper name -> channel/spatial (G,)
+    sa_spatial_maps: np.ndarray | None  # (G, h, w) spatial gate maps of SA_5_3
+    precision: str
+    timings_ms: dict[str, float]
+    logits: np.ndarray  # (num_classes,) fp32 of the unmasked image
+    precision_check: PrecisionCheck | None = None  # the model's bf16 check, once there is one
+
+    def to_dict(self, cam_file: str | None = None) -> dict[str, Any]:
+        layer_name = self.cam_layer
+        with_paper = models.paper_name_or_none(layer_name)
+        out: dict[str, Any] = {
+            "display_name": self.display_name,
+            "weights": self.weights.to_dict(),
+            "pretrained": self.weights.pretrained,
+            "top5": [p.to_dict() for p in self.top5],
+            "target_class": self.target_class,
+            "target_label": self.target_label,
+            "cam": {"method": self.cam_method, "layer": layer_name, "paper_name": with_paper,
+                    "file": cam_file},
+            "group_probe": self.probe.to_dict() if self.probe else None,
+            "probe_precision": self.precision,
+            "bf16_check": self.precision_check.to_dict() if self.precision_check else None,
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+        }
+        if self.sa_gates is not None:
+            out["sa_gates"] = {name: {"channel": g["channel"].tolist(), "spatial": g["spatial"].tolist()}
+                               for name, g in self.sa_gates.items()}
+        return out
+
+
+@dataclass
+class AnalysisResult:
+    image_name: str
+    display: np.ndarray  # (224, 224, 3) uint8 crop the models saw
+    original_size: tuple[int, int]
+    models: dict[str, ModelResult]
+    options: AnalysisOptions
+    timings_ms: dict[str, float]
+
+    @property
+    def all_pretrained(self) -> bool:
+        return all(m.weights.pretrained for m in self.models.values())
+
+    @property
+    def untrained(self) -> list[str]:
+        """Display names of the models that ran without pretrained weights."""
+        return [m.display_name for m in self.models.values() if not m.weights.pretrained]
+
+    def to_dict(self, cam_files: Mapping[str, str] | None = None) -> dict[str, Any]:
+        cam_files = cam_files or {}
+        return {
+            "image": self.image_name,
+            "original_size": list(self.original_size),
+            "pretrained": self.all_pretrained,
+            "warning": None if self.all_pretrained else untrained_warning(self.untrained),
+            "options": {"method": self.options.method, "target_class": self.options.target_class,
+                        "cam_layer": self.options.cam_layer, "precision": self.options.precision},
+            "models": {k: m.to_dict(cam_files.get(k)) for k, m in self.models.items()},
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+        }

@@ -1,0 +1,114 @@
+"""Starting the app: load the models once, warm them up, build the page, and serve it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.utils import get_upload_folder
+
+from ..analysis import AnalysisOptions, analyze
+from ..lab import Lab
+from ..preprocessing import DecodeLimits
+from ..ui import CSS, THEME, AppSettings, build_demo
+from ..weights import default_weights_dir
+from .env import gradio_temp_dir
+from .janitor import CacheJanitor
+from .shutdown import GracefulStop
+from .stats import engine_stats
+
+__all__ = ["create_demo", "launch", "warm_up", "check_paths", "WARM_UP_IMAGE", "ROOT"]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+WARM_UP_IMAGE = ROOT / "examples" / "chelsea.jpg"
+log = logging.getLogger("sanet-viz")
+
+
+def _weights_dir(args: argparse.Namespace) -> Path:
+    return Path(args.weights_dir) if args.weights_dir else default_weights_dir()
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse a Gradio temp folder that would make the app's own files servable."""
+    temp = gradio_temp_dir().resolve()
+    for private in (ROOT, _weights_dir(args).resolve()):
+        if temp == private or temp in private.parents:  # everything under the temp folder is served
+            raise SystemExit(f"GRADIO_TEMP_DIR={temp} would serve {private} to visitors; choose another folder")
+
+
+def warm_up(lab: Lab, image_path: Path = WARM_UP_IMAGE) -> None:
+    """One full analysis before the first visitor.
+
+    First-call costs (allocations, oneDNN kernel choices, the bf16 copies) are paid here, and
+    ``auto`` precision's bf16 check runs on a fixed picture: every visitor's probe then runs in the
+    same precision, so the same image always gets the same scores.
+    """
+    if not image_path.is_file():
+        log.warning("warm-up skipped: %s is missing; the first visitor pays the first-call costs", image_path)
+        return
+    start = time.perf_counter()
+    analyze(lab, lab.prepare(image_path), AnalysisOptions(), name=image_path.name)
+    for lm in lab.models.values():
+        log.info("%s: %s", lm.display_name, lm.bf16_check.describe() if lm.bf16_check else "probes run in fp32")
+    log.info("warm-up analysis done in %.1f s", time.perf_counter() - start)
+
+
+def create_demo(args: argparse.Namespace) -> gr.Blocks:
+    """Load both models once (progress in the log) and build the Blocks."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_paths(args)
+    lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=args.device,
+                   weights_dir=args.weights_dir, require_pretrained=args.require_pretrained, log=log.info)
+    warm_up(lab)
+    profiles = None
+    if args.profiles:
+        from ..profiles import load_profiles
+
+        profiles = load_profiles(args.profiles)
+        log.info("profiles: %d classes from %d images (%s)", len(profiles.classes), profiles.images, args.profiles)
+    settings = AppSettings(limits=DecodeLimits(max_pixels=args.max_pixels, max_bytes=args.max_file_size),
+                           cache_ttl_s=args.cache_ttl, output_ttl_s=args.cache_ttl,
+                           concurrency=args.concurrency, profiles=profiles)
+    demo = build_demo(lab, settings)
+    if os.environ.get("SANET_VIZ_DEBUG_STATS", "") in {"1", "true"}:
+        log.warning("SANET_VIZ_DEBUG_STATS: /debug_stats shows hook counts and memory; not for public servers")
+
+        def debug_stats() -> dict[str, Any]:
+            return engine_stats(lab)
+
+        with demo:
+            gr.api(debug_stats, api_name="debug_stats", concurrency_limit=None, api_visibility="undocumented")
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    demo.weight_files = [lm.weights.source for lm in lab.models.values()  # type: ignore[attr-defined]
+                         if lm.weights.pretrained and Path(lm.weights.source).is_file()]
+    return demo
+
+
+def _blocked_paths(args: argparse.Namespace, demo: gr.Blocks) -> list[str]:
+    """Weights that lie inside a folder the app serves, to be refused there too.
+
+    Only those: Gradio lists every blocked path in the error it returns for a refused path, and
+    weights outside the served folders are refused anyway, without telling anyone where they are.
+    """
+    examples_cache = Path(os.environ.get("GRADIO_EXAMPLES_CACHE", ".gradio/cached_examples"))
+    served = [s.resolve() for s in (ROOT / "examples", gradio_temp_dir(), examples_cache)]
+    weights = [_weights_dir(args), *map(Path, getattr(demo, "weight_files", []))]
+    return [str(w) for w in weights if any(w.resolve() == s or s in w.resolve().parents for s in served)]
+
+
+def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
+    """Serve ``demo`` until SIGTERM (then stop cleanly; see :class:`GracefulStop`)."""
+    GracefulStop(demo, args.shutdown_grace).install()
+    janitor = CacheJanitor(demo, Path(get_upload_folder()), args.cache_ttl,
+                           every_s=max(1, min(1800, args.cache_ttl // 2)))
+    janitor.sweep()  # what earlier runs left behind
+    janitor.start()
+    demo.launch(server_name=args.host, server_port=args.port, root_path=args.root_path or None,
+                max_file_size=args.max_file_size, theme=THEME, css=CSS, footer_links=["api"],
+                allowed_paths=[str(ROOT / "examples")], blocked_paths=_blocked_paths(args, demo),
+                show_error=True)
