@@ -14,15 +14,16 @@ import torch
 from torch import Tensor
 
 from . import models
-from .cam import SINGLE_PASS_METHODS, compute_cam
+from .cam import MULTI_PASS_METHODS, BatchedAblationCAM, BatchedScoreCAM, compute_cam
 from .hooks import FeatureCapture, ModelStateGuard, SAGateRecorder
 from .lab import Lab, LoadedModel
 from .preprocessing import PreparedImage
 from .probes import GroupProbe, PrecisionCheck, group_maps
+from .progress import ProgressFn
 from .results import AnalysisOptions, AnalysisResult, ModelResult, Prediction
 
 __all__ = ["AnalysisOptions", "AnalysisResult", "ModelResult", "analyze", "explain", "add_probes",
-           "explain_model", "probe_model"]
+           "explain_model", "complete_cam", "slow_cam_forwards", "probe_model"]
 
 
 def _top5(logits: Tensor, lm: LoadedModel) -> list[Prediction]:
@@ -32,51 +33,102 @@ def _top5(logits: Tensor, lm: LoadedModel) -> list[Prediction]:
             for p, i in zip(top.values, top.indices, strict=True)]
 
 
-def explain_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOptions) -> ModelResult:
+def explain_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOptions, *,
+                  progress: ProgressFn | None = None, defer_slow: bool = False) -> ModelResult:
     """The CAM pass for one model: logits, CAM, probe-layer group maps and SA gates.
 
-    One fp32 forward+backward serves all of them for single-pass CAM methods. Call it holding
-    ``lm.lock`` (``analyze`` does). The probe is left to :func:`probe_model`.
+    Takes ``lm.lock`` itself, for one hooked pass of the shared model: for single-pass CAM
+    methods one fp32 forward+backward serves everything. Multi-pass methods (Score-CAM,
+    Ablation-CAM) make one plain hooked forward there, then run their thousands of forwards
+    without the lock (:func:`complete_cam`), so other requests are not held up; with
+    ``defer_slow`` the result comes back with ``cam`` None and ``pending_cam`` set, for the caller
+    to complete later. The probe is left to :func:`probe_model`.
     """
-    timings: dict[str, float] = {}
     x = image.tensor.to(lm.device)
     layer = options.cam_layer or lm.probe_layer
     cam_layer = models.paper_name_to_module(layer) if layer.startswith("SA_") else layer
     keep_maps = [models.module_to_paper_name(lm.probe_layer)] if lm.has_sa else []
     gate_modules = lm.sa_modules if (options.gates and lm.has_sa) else {}
-
     if options.target_class is not None:
         lm.check_class(options.target_class)
-    with ModelStateGuard(lm.model):
-        t = time.perf_counter()
-        with FeatureCapture(lm.model, [lm.probe_layer]) as capture, \
-                SAGateRecorder(lm.model, gate_modules, keep_maps=keep_maps) as gates:
-            if options.method in SINGLE_PASS_METHODS:
-                cam = compute_cam(lm.model, x, method=options.method, layer=cam_layer,
-                                  target_class=options.target_class)
-            else:  # multi-pass CAMs run many forwards: hook a plain one instead
-                with torch.no_grad():
-                    lm.model(x)
-        if options.method not in SINGLE_PASS_METHODS:
-            cam = compute_cam(lm.model, x, method=options.method, layer=cam_layer,
-                              target_class=options.target_class)
-        timings["cam"] = (time.perf_counter() - t) * 1e3
-
+    slow = options.method in MULTI_PASS_METHODS
+    start = time.perf_counter()
+    with lm.lock, ModelStateGuard(lm.model), \
+            FeatureCapture(lm.model, dict.fromkeys([lm.probe_layer, cam_layer])) as capture, \
+            SAGateRecorder(lm.model, gate_modules, keep_maps=keep_maps) as gates:
+        if slow:
+            with torch.no_grad():
+                logits = lm.model(x).float().detach()
+            cam = None
+        else:
+            cam = compute_cam(lm.model, x, method=options.method, layer=cam_layer, target_class=options.target_class)
+            logits = cam.logits
+    target = cam.target_class if cam is not None else (
+        options.target_class if options.target_class is not None else int(logits.argmax(-1)))
     sa_gates = sa_maps = None
     if gate_modules:
         sa_gates = {name: {"channel": gates.channel[name][0].cpu().numpy(),
                            "spatial": gates.spatial[name][0].cpu().numpy()} for name in gate_modules}
         sa_maps = gates.spatial_maps[keep_maps[0]][0].cpu().numpy() if keep_maps else None
-    logits = cam.logits[0].cpu()
-    return ModelResult(
+    result = ModelResult(
         key=lm.key, display_name=lm.display_name, weights=lm.weights,
-        top5=_top5(cam.logits.cpu(), lm), target_class=cam.target_class, target_label=lm.label(cam.target_class),
-        cam=cam.cam,
-        cam_method=options.method, cam_layer=cam_layer,
+        top5=_top5(logits.cpu(), lm), target_class=target, target_label=lm.label(target),
+        cam=cam.cam if cam is not None else None, cam_method=options.method, cam_layer=cam_layer,
         group_maps=group_maps(capture.outputs[lm.probe_layer], lm.probe_groups)[0].cpu().numpy(),
         probe=None, sa_gates=sa_gates, sa_spatial_maps=sa_maps,
-        precision=lm.probe_precision(options.precision).replace("check", "fp32"), timings_ms=timings,
-        logits=logits.numpy())
+        precision=lm.probe_precision(options.precision).replace("check", "fp32"),
+        timings_ms={"cam": (time.perf_counter() - start) * 1e3}, logits=logits[0].cpu().numpy(),
+        pending_cam=capture.outputs[cam_layer] if slow else None)
+    if slow and not defer_slow:
+        complete_cam(lm, image, result, options, progress=progress)
+    return result
+
+
+def slow_cam_forwards(lm: LoadedModel, result: ModelResult) -> int:
+    """Forwards (or classifier-tail passes) a pending multi-pass CAM will run: for estimates."""
+    if result.pending_cam is None:
+        return 0
+    return int(result.pending_cam.shape[1])
+
+
+def complete_cam(lm: LoadedModel, image: PreparedImage, result: ModelResult, options: AnalysisOptions, *,
+                 progress: ProgressFn | None = None) -> ModelResult:
+    """Compute a pending multi-pass CAM (see :func:`explain_model`), outside ``lm.lock``.
+
+    Score-CAM's masked forwards run batched on the model's inference copy, in the precision the
+    probe's rule allows (bf16 only once the model's bf16 check has passed); Ablation-CAM runs only
+    the layers after the target layer. Where neither applies (no inference copy; Ablation-CAM at
+    a layer that is not a ReLU output), pytorch-grad-cam runs on the model under the lock.
+    ``progress`` may raise :class:`progress.Cancelled` between batches.
+    """
+    if result.pending_cam is None:
+        return result
+    start = time.perf_counter()
+    x = image.tensor.to(lm.device)
+    acts, target = result.pending_cam, result.target_class
+    fast = lm.fast_model is not None and result.cam_layer in models.bottleneck_names(lm.model)
+    if options.method == "scorecam" and lm.fast_model is not None:
+        precision = lm.probe_precision(options.precision).replace("check", "fp32")
+        with lm.lock:  # the bf16 copy is made on first use
+            model = lm.probe_model_for(precision)
+        dtype = next(model.parameters()).dtype
+
+        def forward(batch: Tensor) -> Tensor:
+            with torch.no_grad():
+                return model(batch.to(dtype).contiguous(memory_format=torch.channels_last)).float()
+
+        cam = BatchedScoreCAM(forward, batch_size=options.probe_batch_size, progress=progress,
+                              device=lm.device).cam_from(x, acts, target)
+    elif options.method == "ablationcam" and fast and BatchedAblationCAM.applies_to(acts):
+        tail = models.tail_after(lm.fast_model, result.cam_layer)  # type: ignore[arg-type]
+        cam = BatchedAblationCAM(lambda a: tail(a.contiguous(memory_format=torch.channels_last)).float(),
+                                 progress=progress, device=lm.device).cam_from(x, acts, target)
+    else:
+        with lm.lock:
+            cam = compute_cam(lm.model, x, method=options.method, layer=result.cam_layer, target_class=target).cam
+    result.cam, result.pending_cam = np.asarray(cam, dtype=np.float32), None
+    result.timings_ms["cam"] = result.timings_ms.get("cam", 0.0) + (time.perf_counter() - start) * 1e3
+    return result
 
 
 def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
@@ -93,7 +145,10 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     classes = torch.tensor([predicted])
 
     def run(precision: str) -> tuple[Tensor, Tensor]:
-        return lm.run_probe(x, maps, classes, precision=precision, batch_size=options.probe_batch_size)
+        start = time.perf_counter()
+        out = lm.run_probe(x, maps, classes, precision=precision, batch_size=options.probe_batch_size)
+        lm.forward_ms[precision] = (time.perf_counter() - start) * 1e3 / maps.shape[1]
+        return out
 
     precision = lm.probe_precision(options.precision)
     if precision == "check":
@@ -114,17 +169,20 @@ def _wants_probe(options: AnalysisOptions, key: str) -> bool:
 
 
 def explain(lab: Lab, image: PreparedImage, options: AnalysisOptions | None = None, *,
-            name: str = "image", model_keys: tuple[str, ...] | None = None) -> AnalysisResult:
-    """CAMs, predictions and gates of each model, without probes (the app's first, fast step)."""
+            name: str = "image", model_keys: tuple[str, ...] | None = None, progress: ProgressFn | None = None,
+            defer_slow: bool = False) -> AnalysisResult:
+    """CAMs, predictions and gates of each model, without probes (the app's first, fast step).
+
+    ``defer_slow``: multi-pass CAMs are left pending (see :func:`explain_model`).
+    """
     options = options or AnalysisOptions()
     start = time.perf_counter()
     results: dict[str, ModelResult] = {}
     for key, lm in lab.models.items():
         if model_keys is None or key in model_keys:
-            with lm.lock:
-                results[key] = explain_model(lm, image, options)
+            results[key] = explain_model(lm, image, options, progress=progress, defer_slow=defer_slow)
     return AnalysisResult(name, image.display, image.original_size, results, options,
-                          {"explain": (time.perf_counter() - start) * 1e3})
+                          {"explain": (time.perf_counter() - start) * 1e3}, image.preview, image.crop_box)
 
 
 def add_probes(lab: Lab, image: PreparedImage, result: AnalysisResult, *,

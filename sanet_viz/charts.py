@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .correlation import ClassCorrelation
+from .correlation import CONSTANT_STD, ClassCorrelation
 from .results import AnalysisResult, ModelResult
 
 __all__ = ["overlay", "overlay_pair", "probe_chart", "group_grid", "gates_heatmap", "gates_lines",
@@ -61,10 +62,16 @@ def _label(m: ModelResult, index: int) -> str:
     return next((p.label for p in m.top5 if p.index == index), "")
 
 
+PROBE_YLABEL = "score with x masked by group k"
+PROBE_EXPLAINED = ("score = softmax probability of the class the model predicts for the unmasked image, "
+                   "when the input is multiplied by group k's map")
+
+
 def probe_chart(result: AnalysisResult) -> Figure:
-    """Per-group probe scores: SANet50 bars coloured by SA branch, ResNet50 beside them."""
+    """Per-group probe scores, one panel per probed model, each scaled to its own data with the
+    unmasked score as a dashed reference line. SANet50's bars are coloured by SA branch."""
     probed = [m for m in result.models.values() if m.probe is not None]
-    fig, axes = plt.subplots(len(probed) or 1, 1, figsize=(11, 2.6 * max(1, len(probed))),
+    fig, axes = plt.subplots(len(probed) or 1, 1, figsize=(11, 2.9 * max(1, len(probed)) + 0.4),
                              squeeze=False, sharex=True)
     for ax, m in zip(axes[:, 0], probed, strict=False):
         probe = m.probe
@@ -77,20 +84,22 @@ def probe_chart(result: AnalysisResult) -> Figure:
         else:
             colours = [RESNET_COLOUR] * len(scores)
         ax.bar(idx, scores, color=colours, width=0.8)
-        ax.axhline(probe.unmasked_score, color="black", lw=1, ls="--",
-                   label=f"unmasked {probe.unmasked_score:.3f}")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("softmax[c]")
-        ax.set_title(f"{m.display_name}: group probe at {probe.paper_name} ({probe.layer}), class "
-                     f"{probe.target_class} {_label(m, probe.target_class)}{_weights_tag(m)}; masked forwards "
-                     f"in {m.precision}", fontsize=9)
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()] \
-            if m.sa_gates is not None else []
-        labels = ["channel-branch chunk (even)", "spatial-branch chunk (odd)"] if handles else []
-        line = ax.get_legend_handles_labels()
-        ax.legend(handles + line[0], labels + line[1], fontsize=7, loc="upper right", ncol=3)
-    axes[-1, 0].set_xlabel("group k (32 consecutive channels of the block output)")
-    fig.tight_layout()
+        ax.axhline(probe.unmasked_score, color="black", lw=1, ls="--")
+        top = max(float(scores.max()), probe.unmasked_score)
+        ax.set_ylim(0, top * 1.25 if top > 0 else 1)
+        ax.set_ylabel(PROBE_YLABEL, fontsize=8)
+        ax.set_title(f"{m.display_name}: group probe at {probe.paper_name} ({probe.layer}), class {probe.target_class} "
+                     f"{_label(m, probe.target_class)}; dashed: unmasked score {probe.unmasked_score:.3f}; "
+                     f"forwards in {m.precision}{_weights_tag(m)}", fontsize=9, loc="left",
+                     color="black" if m.weights.pretrained else "#b00020")
+        if m.sa_gates is not None:
+            handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()]
+            # Legend below the plot area: it never covers bars or the title.
+            ax.legend(handles, ["even k: channel-branch halves", "odd k: spatial-branch halves"], fontsize=7,
+                      loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    axes[-1, 0].set_xlabel("group k = chunk k of 32 consecutive channels of the block output", fontsize=8)
+    fig.text(0.01, 0.005, PROBE_EXPLAINED, fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
 
 
@@ -108,8 +117,7 @@ def group_grid(maps: np.ndarray, *, title: str = "", cols: int = 8) -> Figure:
         r, c = divmod(k, cols)
         mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = \
             (m - m.min()) / span if span > 0 else np.zeros_like(m)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.1 + 0.4))
     ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     for k in range(g):
@@ -122,26 +130,42 @@ def group_grid(maps: np.ndarray, *, title: str = "", cols: int = 8) -> Figure:
     return fig
 
 
+FLAT_GATES_NOTE = ("Every gate has the same value ({value:.3f} = sigmoid(1)): the SA layers still have their "
+                   "initial parameters (weight 0, bias 1), i.e. SANet50 is untrained. Nothing here can be read "
+                   "as what SA learned.")
+
+
+def flat_gate_value(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> float | None:
+    """The one value of every gate when all gates are equal up to rounding (untrained SA), else None."""
+    values = np.concatenate([np.asarray(g[b], np.float64).ravel() for g in sa_gates.values()
+                             for b in ("channel", "spatial")])
+    return float(values.mean()) if values.size and values.std() < CONSTANT_STD else None
+
+
 def gates_heatmap(sa_gates: Mapping[str, Mapping[str, np.ndarray]], *, title: str = "") -> Figure:
     """Depth x group heatmaps of the mean channel and spatial gates of the 16 SA modules."""
     depths = list(sa_gates)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.9), squeeze=False)
     for ax, branch in zip(axes[0], ("channel", "spatial"), strict=True):
         grid = np.stack([np.asarray(sa_gates[d][branch]) for d in depths])
         im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_yticks(range(len(depths)), depths, fontsize=7)
-        ax.set_xlabel("group")
-        ax.set_title(f"mean {branch} gate", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        ax.set_yticks(range(len(depths)), depths, fontsize=8)
+        ax.set_xlabel("SA group (0-63)", fontsize=9)
+        ax.set_title(f"mean {branch} gate per SA group", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.04, label="gate (0 closed, 1 open)")
+    flat = flat_gate_value(sa_gates)
+    fig.suptitle(title, fontsize=10)
+    if flat is not None:  # below the panels, wrapped: it must never cover a title
+        fig.text(0.5, 0.01, textwrap.fill(FLAT_GATES_NOTE.format(value=flat), 130), ha="center", va="bottom",
+                 fontsize=8.5, color="#b00020")
+    fig.tight_layout(rect=(0, 0.07 if flat is not None else 0, 1, 1))
     return fig
 
 
 def gates_lines(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     """Per-stage lines: mean (over groups) channel and spatial gate at each SA module."""
     depths = list(sa_gates)
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     for branch, colour in BRANCH_COLOURS.items():
         values = [float(np.mean(sa_gates[d][branch])) for d in depths]
         ax.plot(range(len(depths)), values, marker="o", color=colour, label=f"{branch} gate")
@@ -149,40 +173,64 @@ def gates_lines(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     for i in range(1, len(stages)):
         if stages[i] != stages[i - 1]:
             ax.axvline(i - 0.5, color="#cccccc", lw=1)
-    ax.set_xticks(range(len(depths)), depths, rotation=60, fontsize=7)
+    ax.set_xticks(range(len(depths)), depths, rotation=60, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("mean over groups")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("mean gate over the 64 groups", fontsize=9)
+    ax.set_title("How open the SA gates are, module by module (stage boundaries in grey)", fontsize=9)
+    flat = flat_gate_value(sa_gates)
+    if flat is not None:
+        ax.text(0.5, 0.2, "flat: untrained SA layers (every gate = sigmoid(1))", transform=ax.transAxes,
+                ha="center", fontsize=8, color="#b00020")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
 
 
+UNDEFINED_COLOUR = "#bdbdbd"
+
+
 def correlation_matrices(corr: ClassCorrelation, depths: Sequence[str] | None = None,
                          class_names: Sequence[str] | None = None) -> Figure:
-    """Class x class correlation matrices at chosen depths (default: first, middle and last)."""
+    """Class x class correlation matrices at chosen depths (default: first, middle and last).
+
+    Undefined entries (constant profiles) are grey, and a title says "undefined" rather than a number.
+    """
     chosen = list(depths) if depths else [corr.depths[0], corr.depths[len(corr.depths) // 2], corr.depths[-1]]
     names = list(class_names) if class_names else [str(c) for c in corr.classes]
-    fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.8), squeeze=False)
+    cmap = plt.get_cmap("coolwarm").with_extremes(bad=UNDEFINED_COLOUR)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 4.0), squeeze=False)
     for ax, depth in zip(axes[0], chosen, strict=True):
-        im = ax.imshow(corr.matrices[depth], cmap="coolwarm", vmin=-1, vmax=1)
-        ax.set_title(f"{depth}: mean between-class r = {corr.mean_between[depth]:.2f}", fontsize=8)
+        im = ax.imshow(np.ma.masked_invalid(corr.matrices[depth]), cmap=cmap, vmin=-1, vmax=1)
+        r = corr.mean_between[depth]
+        ax.set_title(f"{depth}: mean between-class r = {'undefined' if np.isnan(r) else f'{r:.2f}'}", fontsize=9)
         if len(names) <= 20:
-            ax.set_xticks(range(len(names)), [n[:12] for n in names], rotation=90, fontsize=6)
-            ax.set_yticks(range(len(names)), [n[:12] for n in names], fontsize=6)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
+            ax.set_xticks(range(len(names)), [n[:12] for n in names], rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), [n[:12] for n in names], fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, label="Pearson r (grey: undefined)")
     return fig
 
 
 def correlation_vs_depth(corr: ClassCorrelation, *, label: str = "") -> Figure:
-    """Mean between-class correlation against SA depth."""
-    fig, ax = plt.subplots(figsize=(8, 3))
-    values = [corr.mean_between[d] for d in corr.depths]
-    ax.plot(range(len(values)), values, marker="o", color=BRANCH_COLOURS["channel"], label=label or None)
-    ax.set_xticks(range(len(values)), corr.depths, rotation=60, fontsize=7)
-    ax.set_ylabel("mean between-class r")
-    ax.set_ylim(min(-0.05, np.nanmin(values) - 0.05) if values else -1, 1.02)
-    ax.set_title(f"{len(corr.classes)} classes: early layers shared, late layers class-specific?", fontsize=9)
-    if label:
+    """Mean between-class correlation against SA depth; undefined depths greyed, with the reason."""
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    x = np.arange(len(corr.depths))
+    values = np.array([corr.mean_between[d] for d in corr.depths], dtype=np.float64)
+    defined = ~np.isnan(values)
+    if defined.any():
+        ax.plot(x[defined], values[defined], marker="o", color=BRANCH_COLOURS["channel"], label=label or None)
+    for i in np.flatnonzero(~defined):
+        ax.axvspan(i - 0.4, i + 0.4, color=UNDEFINED_COLOUR, alpha=0.5, lw=0)
+    ax.set_xticks(x, corr.depths, rotation=60, fontsize=8)
+    ax.set_ylabel("mean between-class r", fontsize=9)
+    ax.set_ylim(min(-0.05, float(np.nanmin(values)) - 0.05) if defined.any() else -1.05, 1.05)
+    ax.set_title(f"Between-class correlation of mean SA profiles, {len(corr.classes)} classes "
+                 "(paper: high early, falling with depth)", fontsize=9)
+    reasons = sorted({corr.notes[d] for d in corr.depths if d in corr.notes and not corr.defined(d)})
+    if reasons:
+        ax.text(0.5, 0.5 if not defined.any() else 0.1, textwrap.fill("grey: undefined - " + "; ".join(reasons), 70),
+                transform=ax.transAxes, ha="center", va="center", fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": UNDEFINED_COLOUR, "boxstyle": "round"})
+    if label and defined.any():
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -92,6 +92,9 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self._fast_model_bf16: nn.Module | None = None
         self._compiled: dict[str, nn.Module] = {}
+        # Measured milliseconds per masked forward (one image) by precision, from the latest probe:
+        # what the app's estimates for Score-CAM are made of.
+        self.forward_ms: dict[str, float] = {}
         # The first probe under ``auto`` precision compares bf16 with fp32 on its image; later
         # probes follow the verdict (see probe_precision). Set and read holding ``lock``.
         self.bf16_check: PrecisionCheck | None = None

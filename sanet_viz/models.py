@@ -8,7 +8,7 @@ DataParallel ``module.`` prefix is stripped: torchvision's ResNet keys plus
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "module_to_paper_name",
     "paper_name_or_none",
     "bottleneck_names",
+    "tail_after",
     "fold_channel_shuffle",
     "inference_copy",
     "instance_stats",
@@ -282,6 +283,27 @@ def paper_name_or_none(module_name: str) -> str | None:
 def bottleneck_names(model: nn.Module) -> list[str]:
     """Names of the model's residual blocks in depth order (``layer1.0`` ... ``layer4.2``)."""
     return [name for name, _ in _iter_blocks(model)]
+
+
+def tail_after(model: nn.Module, block: str) -> Callable[[Tensor], Tensor]:
+    """The rest of a ResNet after bottleneck ``block``: its later blocks, pooling and the classifier.
+
+    ``tail_after(m, "layer4.2")(m_output_of_layer4_2)`` equals ``m(x)``'s logits. It uses the
+    model's own modules, read-only: call it under ``torch.no_grad()`` on a model no one trains.
+    """
+    names = bottleneck_names(model)
+    if block not in names:
+        raise ValueError(f"{block!r} is not a bottleneck of {type(model).__name__}")
+    modules = dict(model.named_modules())
+    rest = [modules[n] for n in names[names.index(block) + 1:]]
+    pool, fc = model.avgpool, model.fc  # type: ignore[union-attr]
+
+    def run(features: Tensor) -> Tensor:
+        for module in rest:
+            features = module(features)
+        return fc(torch.flatten(pool(features), 1))
+
+    return run
 
 
 def sa_module_names(model: nn.Module) -> dict[str, str]:

@@ -17,7 +17,7 @@ from .limits import limit_default, parse_size
 from .weights import IMAGENET_EVAL, EvalTransform
 
 __all__ = ["ImageDecodeError", "DecodeLimits", "decode_image", "PreparedImage", "prepare", "DEFAULT_LIMITS",
-           "SUPPORTED_FORMATS", "parse_size"]
+           "PREVIEW_SIZE", "SUPPORTED_FORMATS", "parse_size"]
 
 # A truncated file must fail loudly, not be padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -31,7 +31,16 @@ SUPPORTED_FORMATS: tuple[str, ...] = tuple(f for f in _WANTED_FORMATS if f in Im
 _SUPPORTED_TEXT = ", ".join("PNM" if f == "PPM" else f for f in SUPPORTED_FORMATS)
 
 class ImageDecodeError(ValueError):
-    """The input is not a picture we can analyse; the message names it and says why."""
+    """The input is not a picture we can analyse; the message names it, says why and what to do.
+
+    Messages are for whoever sent the file (often a visitor): they name no server settings.
+    ``setting`` names the environment variable of a limit that refused it, for operators (the
+    CLI prints it).
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,9 @@ def decode_image(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS,
         if width < 1 or height < 1:
             raise ImageDecodeError(f"{label}: image has no pixels ({width}x{height})")
         if width * height > limits.max_pixels:
-            raise ImageDecodeError(f"{label}: {width}x{height} pixels is over the limit of "
-                                   f"{limits.max_pixels:,} pixels (SANET_VIZ_MAX_PIXELS)")
+            raise ImageDecodeError(f"{label}: {width}x{height} pixels is over the limit of {limits.max_pixels:,} "
+                                   "pixels; please resize it (a few megapixels are plenty)",
+                                   setting="SANET_VIZ_MAX_PIXELS")
         if max(width / height, height / width) > limits.max_aspect:
             raise ImageDecodeError(f"{label}: aspect ratio {width}x{height} is too extreme "
                                    f"(over {limits.max_aspect:g}:1) to classify a centre crop")
@@ -101,8 +111,8 @@ def _open(data: bytes, label: str, limits: DecodeLimits) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError as exc:  # PIL's own guard, at twice Image.MAX_IMAGE_PIXELS
-        raise ImageDecodeError(f"{label}: declares far more pixels than the limit of {limits.max_pixels:,} "
-                               f"(SANET_VIZ_MAX_PIXELS): refused as a decompression bomb") from exc
+        raise ImageDecodeError(f"{label}: declares far more pixels than the limit of {limits.max_pixels:,}: "
+                               "refused as a decompression bomb", setting="SANET_VIZ_MAX_PIXELS") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{label}: not a picture in a supported format ({_what_is(data)}); "
                                f"supported: {_SUPPORTED_TEXT}") from exc
@@ -155,7 +165,8 @@ def _short(exc: BaseException) -> str:
 
 
 def _read_bytes(source: str | os.PathLike[str] | bytes | BinaryIO, label: str, limits: DecodeLimits) -> bytes:
-    too_big = f"{label}: over the upload limit of {limits.max_bytes / 2**20:g} MiB (SANET_VIZ_MAX_FILE_SIZE)"
+    advice = "please save it smaller (e.g. as JPEG) and try again"
+    too_big = f"{label}: over the upload limit of {limits.max_bytes / 2**20:g} MiB; {advice}"
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -167,7 +178,7 @@ def _read_bytes(source: str | os.PathLike[str] | bytes | BinaryIO, label: str, l
             size = path.stat().st_size
             if size > limits.max_bytes:
                 raise ImageDecodeError(f"{label}: {size / 2**20:.1f} MiB is over the upload limit of "
-                                       f"{limits.max_bytes / 2**20:g} MiB (SANET_VIZ_MAX_FILE_SIZE)")
+                                       f"{limits.max_bytes / 2**20:g} MiB; {advice}", setting="SANET_VIZ_MAX_FILE_SIZE")
             with open(path, "rb") as f:  # read no more than the limit, even if the file grows
                 data = f.read(limits.max_bytes + 1)
         except OSError as exc:
@@ -180,7 +191,7 @@ def _read_bytes(source: str | os.PathLike[str] | bytes | BinaryIO, label: str, l
         if not isinstance(data, bytes):
             raise ImageDecodeError(f"{label}: expected binary data, got {type(data).__name__}")
     if len(data) > limits.max_bytes:
-        raise ImageDecodeError(too_big)
+        raise ImageDecodeError(too_big, setting="SANET_VIZ_MAX_FILE_SIZE")
     return data
 
 
@@ -235,15 +246,37 @@ class PreparedImage:
     tensor: Tensor  # (1, 3, crop, crop), normalised
     display: np.ndarray  # (crop, crop, 3) uint8: exactly what the models see, for overlays
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
+    # The whole picture, longest side at most PREVIEW_SIZE, and where the models' crop lies in it
+    # (x0, y0, x1, y1 in preview pixels): to show a map in place on the whole photo.
+    preview: np.ndarray | None = None
+    crop_box: tuple[float, float, float, float] | None = None
+
+
+PREVIEW_SIZE = 640
 
 
 def prepare(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> PreparedImage:
     """The weights' evaluation preprocessing (``WeightsDescription.transforms``): for both papers'
     checkpoints Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet mean, std)."""
-    cropped = TF.center_crop(TF.resize(image, [transform.resize_size], antialias=True), [transform.crop_size])
+    resized = TF.resize(image, [transform.resize_size], antialias=True)
+    cropped = TF.center_crop(resized, [transform.crop_size])
     display = np.asarray(cropped, dtype=np.uint8).copy()
     tensor = TF.normalize(TF.to_tensor(cropped), list(transform.mean), list(transform.std)).unsqueeze(0)
-    return PreparedImage(tensor.contiguous(), display, image.size)
+    preview, box = _preview(image, resized.size, transform.crop_size)
+    return PreparedImage(tensor.contiguous(), display, image.size, preview, box)
+
+
+def _preview(image: Image.Image, resized: tuple[int, int], crop: int) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A small copy of the whole picture and the centre crop's box in it (torchvision's rounding)."""
+    width, height = image.size
+    scale = min(1.0, PREVIEW_SIZE / max(width, height))
+    small = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR) \
+        if scale < 1.0 else image
+    rw, rh = resized
+    left, top = round((rw - crop) / 2.0), round((rh - crop) / 2.0)
+    to_preview = (small.size[0] / rw, small.size[1] / rh)
+    box = (left * to_preview[0], top * to_preview[1], (left + crop) * to_preview[0], (top + crop) * to_preview[1])
+    return np.asarray(small, dtype=np.uint8).copy(), box
 
 
 def load_and_prepare(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS, name: str | None = None,

@@ -5,13 +5,14 @@ that other tools rely on (see the README)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from . import models
-from .cam import CAM_METHODS
+from .cam import CAM_METHODS, CLASS_AGNOSTIC_METHODS
 from .probes import GroupProbe, PrecisionCheck
 from .weights import IMAGENET_CATEGORIES, WeightsInfo, untrained_warning
 
@@ -62,7 +63,7 @@ class ModelResult:
     top5: list[Prediction]
     target_class: int
     target_label: str  # the class's name in the model's categories
-    cam: np.ndarray  # (H, W) float32 in [0, 1]
+    cam: np.ndarray | None  # (H, W) float32 in [0, 1]; None while a multi-pass CAM is pending
     cam_method: str
     cam_layer: str
     group_maps: np.ndarray  # (G, h, w) raw channel means of the probe layer's chunks
@@ -73,6 +74,13 @@ class ModelResult:
     timings_ms: dict[str, float]
     logits: np.ndarray  # (num_classes,) fp32 of the unmasked image
     precision_check: PrecisionCheck | None = None  # the model's bf16 check, once there is one
+    # The CAM layer's activations while a multi-pass CAM is pending (analysis.complete_cam).
+    pending_cam: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def class_agnostic(self) -> bool:
+        """True when the map ignores the class asked for (EigenCAM)."""
+        return self.cam_method in CLASS_AGNOSTIC_METHODS
 
     def to_dict(self, cam_file: str | None = None) -> dict[str, Any]:
         layer_name = self.cam_layer
@@ -85,7 +93,7 @@ class ModelResult:
             "target_class": self.target_class,
             "target_label": self.target_label,
             "cam": {"method": self.cam_method, "layer": layer_name, "paper_name": with_paper,
-                    "file": cam_file},
+                    "class_agnostic": self.class_agnostic, "file": cam_file},
             "group_probe": self.probe.to_dict() if self.probe else None,
             "probe_precision": self.precision,
             "bf16_check": self.precision_check.to_dict() if self.precision_check else None,
@@ -105,6 +113,9 @@ class AnalysisResult:
     models: dict[str, ModelResult]
     options: AnalysisOptions
     timings_ms: dict[str, float]
+    # The whole picture (small) and the crop's box in it, to show maps in place (PreparedImage's).
+    preview: np.ndarray | None = field(default=None, repr=False)
+    crop_box: tuple[float, float, float, float] | None = None
 
     @property
     def all_pretrained(self) -> bool:

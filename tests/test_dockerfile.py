@@ -192,7 +192,7 @@ def test_dockerignore_keeps_out(path: str) -> None:
     assert ignored(path), f"{path} would be sent to the build"
 
 
-@pytest.mark.parametrize("path", ["requirements.txt", "app.py", "sanet_viz/ui.py", "examples/chelsea.jpg"])
+@pytest.mark.parametrize("path", ["requirements.txt", "app.py", "sanet_viz/ui/__init__.py", "examples/chelsea.jpg"])
 def test_dockerignore_keeps_what_the_image_copies(path: str) -> None:
     assert not ignored(path), f"{path} is needed by the Dockerfile's COPY"
     assert (ROOT / path).exists()

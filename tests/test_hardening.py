@@ -553,7 +553,7 @@ def test_correlation_gallery_takes_odd_pictures_and_names_the_rest(app: dict[str
     files = [handle_file(str(corpus_dir / c.name)) for c in odd + bad]
     labels = "\n".join("ab"[i % 2] for i in range(len(files)))
     client = Client(str(app["url"]), verbose=False)
-    _, _, table, note = client.predict(files, labels, api_name="/correlate")
+    _, _, table, note, _numbers = client.predict(files, labels, api_name="/correlate")
     names = [row[0] for row in table["data"]]
     assert sorted(names) == sorted(c.name for c in odd), names
     for case in bad:

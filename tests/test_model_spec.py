@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_sa_resnet
 from PIL import Image
 
-from conftest import tiny_sa_resnet
 from sanet_viz.analysis import AnalysisOptions, analyze
 from sanet_viz.lab import Lab, LoadedModel
 from sanet_viz.preprocessing import prepare

@@ -365,7 +365,7 @@ def offline_session(out_path: Path, checkpoints: list[str], workdir: Path, isola
         lt.wait_ready(url, proc)  # type: ignore[attr-defined]
         report["outside_network_reachable"] = _reachable("1.1.1.1", 53) or _reachable("8.8.8.8", 53)
         client = Client(url, verbose=False)
-        _, _, table, _ = client.predict([handle_file(str(EXAMPLES / "chelsea.jpg")),
+        _, _, table, _, _ = client.predict([handle_file(str(EXAMPLES / "chelsea.jpg")),
                                          handle_file(str(EXAMPLES / "rocket.jpg"))], "cat\nrocket",
                                         api_name="/correlate")
         report["api_correlate_rows"] = len(table["data"])

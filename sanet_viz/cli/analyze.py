@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = lab.prepare(path, name=str(path))
         except ImageDecodeError as exc:
-            tqdm.write(f"error: {exc}", file=sys.stderr)
+            hint = f" (this limit is set by ${exc.setting})" if exc.setting else ""
+            tqdm.write(f"error: {exc}{hint}", file=sys.stderr)
             failures += 1
             continue
         result = analyze(lab, image, options, name=path.name)

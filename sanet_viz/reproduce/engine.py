@@ -131,10 +131,10 @@ def decide_precisions(lab: Lab, root: str | Path, samples: Sequence[Sample],
             name = samples[first[2]].path
             for key, lm in lab.models.items():
                 if wanted[key] == "check":
+                    explained = explain_model(lm, image, AnalysisOptions(precision="auto", gates=False))
                     with lm.lock:
-                        explained = explain_model(lm, image, AnalysisOptions(precision="auto", gates=False))
                         probe_model(lm, image, explained, AnalysisOptions(precision="auto"), name=name)
-                        wanted[key] = lm.probe_precision("auto")
+                    wanted[key] = lm.probe_precision("auto")
     return {key: value.replace("check", "fp32") for key, value in wanted.items()}
 
 

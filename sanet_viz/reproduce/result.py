@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..correlation import ClassCorrelation, correlation_matrix, mean_between_class
+from ..correlation import ClassCorrelation, correlation_of_means
 from ..weights import untrained_warning
 
 __all__ = ["ReproduceResult", "device_info"]
@@ -73,11 +73,8 @@ class ReproduceResult:
         """Per depth: Pearson correlation of the classes' mean [channel, spatial] profiles."""
         classes, channel, spatial = self.class_profiles(key)
         depths = self.models[key]["sa_depths"]
-        matrices, between = {}, {}
-        for d, depth in enumerate(depths):
-            matrices[depth] = correlation_matrix(np.concatenate([channel[d], spatial[d]], axis=1))
-            between[depth] = mean_between_class(matrices[depth])
-        return ClassCorrelation(list(depths), [int(c) for c in classes], matrices, between)
+        means = {depth: np.concatenate([channel[d], spatial[d]], axis=1) for d, depth in enumerate(depths)}
+        return correlation_of_means(depths, [int(c) for c in classes], means)
 
     def label(self, index: int) -> str:
         return self.categories[index] if 0 <= index < len(self.categories) else str(index)
@@ -118,7 +115,9 @@ class ReproduceResult:
             if m["sa_depths"]:
                 if len(self.present_classes()) >= 2:
                     corr = self.class_correlation(key)
-                    entry["mean_between_class_correlation"] = corr.mean_between
+                    entry["mean_between_class_correlation"] = {
+                        d: None if np.isnan(v) else v for d, v in corr.mean_between.items()}
+                    entry["correlation_undefined"] = corr.notes
                 else:
                     entry["mean_between_class_correlation"] = None
                 entry["sa_depths"] = m["sa_depths"]

@@ -1,0 +1,129 @@
+"""The Gradio app: :func:`build_demo` lays out the page (one builder per tab, in :mod:`tabs`) and
+wires each event to a :class:`handlers.Handlers` method. Computation lives in the engine, views in
+:mod:`views` (pure functions), per-visitor state in :class:`session.Session`. Models are shared
+by every visitor (one lock each, in :class:`lab.LoadedModel`).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+
+from ..lab import Lab
+from . import views
+from .handlers import AppSettings, Handlers, Page
+from .session import Session
+from .style import CSS, SCROLL_JS, THEME
+from .tabs import (
+    build_compare_tab,
+    build_controls,
+    build_correlation_tab,
+    build_depth_tab,
+    build_download_tab,
+    build_groups_tab,
+    class_choices,
+    layer_choices,
+)
+from .texts import ADD_WEIGHTS, INTRO, SA_NET_URL
+from .upload import UploadedImage
+from .views import nearest_view
+
+__all__ = ["build_demo", "AppSettings", "Handlers", "Session", "THEME", "CSS", "UploadedImage", "nearest_view",
+           "class_choices", "layer_choices", "weights_banner"]
+
+
+def weights_banner(lab: Lab) -> tuple[str, str]:
+    """(one sentence for visitors, detail for the operator). The operator's detail (paths, download
+    errors, variables) stays out of the visitor's sentence; it is also in the server log."""
+    untrained = lab.untrained
+    if not untrained:
+        names = ", ".join(lm.display_name for lm in lab.models.values())
+        return (f'<div class="banner banner-pretrained">{names}: both run with their published, pretrained '
+                "weights.</div>", "")
+    who = " and ".join(untrained)
+    visitor = (f'<div class="banner banner-untrained"><b>Demo mode:</b> {html.escape(who)} '
+               f"{'run' if len(untrained) > 1 else 'runs'} with random, untrained weights, so the pictures show "
+               f'how the tool works, not what the networks learned. <a href="{SA_NET_URL}" target="_blank" '
+               'rel="noopener">The real weights</a> · <a href="#operator-notes">how to add them</a>.</div>')
+    lines = [f"- **{lm.display_name}**: " + (f"pretrained, {lm.weights.source}" if lm.weights.pretrained
+                                             else f"untrained: {lm.weights.note}") for lm in lab.models.values()]
+    return visitor, "\n".join(lines) + "\n\n" + ADD_WEIGHTS
+
+
+def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
+    """The whole app for ``lab``'s models; launch it with :data:`THEME` and :data:`CSS`.
+
+    The handlers are on ``demo.handlers`` (tests call them without a server).
+    """
+    settings = settings or AppSettings()
+    examples = sorted(str(p) for p in settings.examples_dir.glob("*") if p.suffix.lower() in {".jpg", ".png"})
+    colorbars = (views.colorbar_html("jet", "0: weakest", "1: strongest", "each map scaled to its own maximum"),
+                 views.colorbar_html(views.DIFF_CMAP, "ResNet50 looks more", "SANet50 looks more", "0: alike"))
+    cache_every = max(1, min(1800, settings.cache_ttl_s // 2))
+    with gr.Blocks(title="sanet-viz: Shuffle Attention vs ResNet50",
+                   delete_cache=(cache_every, settings.cache_ttl_s)) as demo:
+        session = gr.State(lambda: Session())  # a fresh one per visitor (a class would be read as a value)
+        gr.Markdown("## sanet-viz: what Shuffle Attention changes inside ResNet50\n" + INTRO, elem_id="page-title")
+        visitor, operator = weights_banner(lab)
+        gr.HTML(visitor, elem_id="weights-banner")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                controls = build_controls(lab, examples, settings.limits.max_bytes)
+            with gr.Column(scale=3, elem_id="results"), gr.Tabs(overflow_behavior="wrap"):
+                with gr.Tab("Compare", id="compare"):
+                    compare = build_compare_tab(lab, colorbars)
+                with gr.Tab("SA groups", id="groups"):
+                    groups = build_groups_tab()
+                with gr.Tab("Across depth", id="depth"):
+                    depth = build_depth_tab()
+                with gr.Tab("Class correlation", id="correlation"):
+                    correlation = build_correlation_tab()
+                with gr.Tab("Download", id="download"):
+                    download = build_download_tab()
+        if operator:  # at the bottom: visitors need the banner's one sentence, operators this
+            with gr.Accordion("For the server's operator: why untrained, and how to add the real weights",
+                              open=False, elem_id="operator-notes"):
+                gr.Markdown(operator)
+        page = Page(session, controls, compare, groups, depth, correlation, download)
+        handlers = Handlers(lab, settings, page)
+        _wire(demo, handlers, page, settings)
+    demo.handlers = handlers  # type: ignore[attr-defined]
+    return demo
+
+
+def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> None:
+    c, g, s = page.controls, page.groups, page.session
+    outputs = page.analysis_outputs()
+    quiet: dict[str, Any] = {"show_progress": "hidden"}
+    fast: dict[str, Any] = {"concurrency_id": "fast", "concurrency_limit": settings.concurrency, **quiet}
+    slow: dict[str, Any] = {"concurrency_id": "slow", "concurrency_limit": 1, "api_visibility": "private", **quiet}
+    inputs = [c.image, c.method, c.target, c.layer, c.opacity, g.probe_resnet, s]
+
+    demo.load(h.new_session, None, [s], api_visibility="private", queue=False)
+    runs = [c.analyse.click(h.analyse, inputs, outputs, api_name="analyze", js=SCROLL_JS, **fast)]
+    runs += [control.change(h.reanalyse, inputs, outputs, trigger_mode="always_last", api_visibility="private",
+                            **fast) for control in (c.method, c.target, c.layer)]
+    finishing = [run.then(h.complete_slow, [c.opacity, s], outputs, **slow) for run in runs]
+    c.cancel.click(h.cancel, [s], [page.compare.status, c.cancel], cancels=finishing, api_visibility="private",
+                   queue=False)
+    c.image.change(h.new_image, [c.image, s], [*outputs, c.image], cancels=finishing, api_visibility="private",
+                   **quiet)
+    compare_outputs = [*page.compare.images.values(), *page.compare.captions.values(), page.compare.difference,
+                       page.compare.difference_caption, *page.compare.top5.values()]
+    for control in (c.opacity, c.view):
+        control.change(h.rerender, [c.opacity, c.view, s], compare_outputs, api_visibility="private",
+                       trigger_mode="always_last", **quiet)
+    group_outputs = [g.probe, g.grid, g.group, g.detail_image, g.detail_text]
+    # .input: typed, keyed or dragged by the visitor (a .change would also fire when a tab mounts).
+    g.group.input(h.select_group, [g.group, s], group_outputs, api_visibility="private",
+                  trigger_mode="always_last", **quiet)
+    for chart in (g.probe, g.grid):
+        chart.click(h.group_clicked, [s], group_outputs, api_visibility="private", **quiet)
+    g.sort.change(h.resort, [g.sort, s], [g.probe], api_visibility="private", **quiet)
+    g.probe_resnet.input(h.add_resnet_probe, [g.probe_resnet, c.opacity, s], outputs, api_visibility="private",
+                         **fast)
+    k = page.correlation
+    k.button.click(h.correlate, [k.files, k.labels], [k.line, k.matrices, k.table, k.message, k.numbers],
+                   api_name="correlate", **fast)

@@ -1,0 +1,492 @@
+"""What happens when a visitor acts. Every handler returns (or yields) a dict from components to
+values, so tests call them directly, without a server. Computation lives in the engine; views
+come from :mod:`views`; per-visitor state in :class:`session.Session`.
+
+Fairness: the fast lane (Analyse: heatmaps, gates, probe) never waits for a slow method. In a
+browser, Score-CAM and Ablation-CAM are left pending by the fast lane and completed by
+:meth:`Handlers.complete_slow` in a lane of their own (one at a time), without holding the
+models' locks, with progress on the panel being computed and a Cancel button. API calls, which
+have no page to come back to, complete them inline, through the same one-at-a-time lane.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from .. import charts
+from ..analysis import AnalysisOptions, add_probes, complete_cam, explain
+from ..cam import CAM_METHODS, MULTI_PASS_METHODS
+from ..correlation import class_correlation
+from ..export import write_result, zip_folder
+from ..lab import Lab
+from ..preprocessing import DecodeLimits, ImageDecodeError
+from ..progress import Cancelled
+from ..results import AnalysisResult, ModelResult
+from . import views
+from .session import Session
+from .tabs import PREDICTED, CompareTab, Controls, CorrelationTab, DepthTab, DownloadTab, GroupsTab
+
+__all__ = ["AppSettings", "Page", "Handlers"]
+
+log = logging.getLogger("sanet-viz")
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent.parent / "examples"
+
+
+@dataclass
+class AppSettings:
+    examples_dir: Path = EXAMPLES_DIR
+    output_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "sanet-viz-outputs")
+    output_ttl_s: float = 3600.0
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    max_correlation_images: int = 48
+    cache_ttl_s: int = 3600  # Gradio's copies of uploads and outputs are deleted after this
+    concurrency: int = 2  # analyses running at once in the fast lane; more wait in the queue
+    profiles: Any = None  # per-class reference profiles from `reproduce` (optional)
+    stopping: Callable[[], bool] = lambda: False  # the server is shutting down: long work stops
+
+
+@dataclass
+class Page:
+    """Every component a handler may update."""
+
+    session: gr.State
+    controls: Controls
+    compare: CompareTab
+    groups: GroupsTab
+    depth: DepthTab
+    correlation: CorrelationTab
+    download: DownloadTab
+
+    def analysis_outputs(self) -> list[Any]:
+        c, g, d = self.compare, self.groups, self.depth
+        return [self.session, self.controls.cancel, c.status, *c.images.values(), *c.top5.values(),
+                *c.captions.values(), c.difference, c.difference_caption, g.probe, g.grid, g.group,
+                g.detail_image, g.detail_text, d.heatmap, d.lines, d.nearest, self.download.archive,
+                self.download.result_json]
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class Handlers:
+    def __init__(self, lab: Lab, settings: AppSettings, page: Page) -> None:
+        self.lab, self.settings, self.page = lab, settings, page
+        self.slow_lane = threading.Semaphore(1)
+
+    # ----------------------------------------------------------------------------------------
+    # Page and image
+
+    def new_session(self) -> dict[Any, Any]:
+        """On page load: a session that belongs to a browser page."""
+        return {self.page.session: Session(page=True)}
+
+    def new_image(self, path: str | None, session: Session | None) -> dict[Any, Any]:
+        """A new picture (or none): refuse what is not a picture at once, clear stale results."""
+        session = session or Session()
+        session.start()  # whatever ran for the old picture stops
+        session.result = None
+        cleared = self._cleared(session)
+        if not path:
+            session.image, session.image_key = None, ""
+            return cleared
+        try:
+            self._prepare(path, session)
+        except gr.Error as exc:
+            gr.Warning(str(exc.message), duration=15)
+            session.image, session.image_key = None, ""
+            return {**cleared, self.page.controls.image: None,
+                    self.page.compare.status: views.status_html(exc.message, kind="error")}
+        return {**cleared, self.page.compare.status: views.status_html("Ready: press <b>Analyse</b>.")}
+
+    def _prepare(self, path: str | None, session: Session) -> Any:
+        if not path:
+            raise gr.Error("Add an image first: upload, drop, paste, use the webcam, or pick an example.",
+                           print_exception=False)
+        try:
+            key = f"{path}:{os.path.getmtime(path)}"
+        except OSError:
+            raise gr.Error(f"{Path(path).name}: the upload is no longer on the server; please add it again.",
+                           print_exception=False) from None
+        if key != session.image_key or session.image is None:
+            try:
+                image = self.lab.prepare(path, limits=self.settings.limits, name=Path(path).name)
+            except ImageDecodeError as exc:  # the visitor's file: a message for them, one log line here
+                log.info("refused upload: %s", exc)
+                raise gr.Error(str(exc), print_exception=False) from None
+            session.image_key, session.image, session.result = key, image, None
+        return session.image
+
+    def _cleared(self, session: Session) -> dict[Any, Any]:
+        """Every result view emptied: nothing of an older picture stays beside a new one."""
+        p = self.page
+        out: dict[Any, Any] = {p.session: session, p.controls.cancel: gr.update(visible=False),
+                               p.compare.difference: None, p.compare.difference_caption: "",
+                               p.groups.probe: "", p.groups.grid: "", p.groups.detail_image: None,
+                               p.groups.detail_text: "", p.depth.heatmap: None, p.depth.lines: None,
+                               p.depth.nearest: "", p.download.archive: None, p.download.result_json: None}
+        for key in self.lab.models:
+            out |= {p.compare.images[key]: None, p.compare.top5[key]: "", p.compare.captions[key]: ""}
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Analysis: the fast lane
+
+    def options(self, method: str, target: str | None, layer: str | None) -> AnalysisOptions:
+        target_class = None if not target or target == PREDICTED else int(str(target).split(":")[0])
+        return AnalysisOptions(method=method, target_class=target_class, cam_layer=layer or None,
+                               num_classes=min(lm.num_classes for lm in self.lab.models.values()))
+
+    def analyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
+                probe_resnet: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """Heatmaps first, then group maps and gates, then SANet50's probe (and ResNet50's if asked).
+
+        A slow method's maps are left pending for :meth:`complete_slow` in a browser; an API call
+        completes them here. The last message holds everything (what API clients get).
+        """
+        session = session or Session()
+        run = session.start()
+        image = self._prepare(path, session)
+        options = self.options(method, target, layer)
+        try:
+            yield from self._analyse(session, run, image, options, path, opacity, probe_resnet)
+        except Cancelled as exc:  # a newer request of this visitor, Cancel, or a server stopping
+            yield {self.page.compare.status: views.status_html(f"Stopped: {exc}.", kind="stale"),
+                   self.page.controls.cancel: gr.update(visible=False)}
+
+    def reanalyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
+                  probe_resnet: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """A control changed: analyse again if there is a picture (and say nothing if there is none)."""
+        if session is not None and session.image is not None and path:
+            yield from self.analyse(path, method, target, layer, opacity, probe_resnet, session)
+
+    def _analyse(self, session: Session, run: int, image: Any, options: AnalysisOptions, path: str | None,
+                 opacity: float, probe_resnet: bool) -> Iterator[dict[Any, Any]]:
+        check = session.checker(run, self.settings.stopping)
+        method = options.method
+        slow = method in MULTI_PASS_METHODS
+        previous = session.result
+        label = CAM_METHODS[method][1].split(" (")[0]
+        yield {**self._cleared(session), self.page.compare.status: views.status_html(
+            f"Computing {label} for both models…", kind="busy")}
+        result = explain(self.lab, image, options, name=Path(path or "image").name, defer_slow=slow)
+        self._keep_probes(result, previous)
+        session.result = result
+        check()
+        status = self._slow_estimate(result, options) if slow else ""
+        yield {**self._views(session, opacity), self.page.compare.status: views.status_html(status, kind="busy"),
+               self.page.controls.cancel: gr.update(visible=slow and session.page)}
+        yield from self._probes(session, ("sanet50",) + (("resnet50",) if probe_resnet else ()), check)
+        if slow and session.page:
+            return  # completed by complete_slow, in the slow lane
+        if slow:  # an API call: complete here, but never wait for the slow lane in a fast-lane slot
+            if not self.slow_lane.acquire(blocking=False):
+                raise gr.Error(f"Another visitor's {label} is running (one at a time on this server); please try "
+                               "again in a few minutes, or use Grad-CAM.", print_exception=False)
+            try:
+                yield from self._complete_pending(session, run, options, opacity)
+            finally:
+                self.slow_lane.release()
+            if self._pending(result):
+                return
+        yield self._final(session, opacity)
+
+    def _keep_probes(self, result: AnalysisResult, previous: AnalysisResult | None) -> None:
+        """Probes depend only on the image: keep them across changes of method, class or layer."""
+        if previous is None or previous.image_name != result.image_name:
+            return
+        for key, mr in result.models.items():
+            if key in previous.models and previous.models[key].probe is not None:
+                before = previous.models[key]
+                mr.probe, mr.precision, mr.precision_check = before.probe, before.precision, before.precision_check
+
+    def _probes(self, session: Session, keys: Sequence[str], check: Callable[[], None]) -> Iterator[dict[Any, Any]]:
+        result = session.result
+        assert result is not None and session.image is not None
+        for key in keys:
+            if key in result.models and result.models[key].probe is None:
+                check()
+                add_probes(self.lab, session.image, result, model_keys=(key,))
+                yield self._groups_views(session)
+
+    def _pending(self, result: AnalysisResult) -> list[str]:
+        return [k for k, m in result.models.items() if m.pending_cam is not None]
+
+    def _slow_estimate(self, result: AnalysisResult, options: AnalysisOptions) -> str:
+        """What the slow method will cost, said before it starts."""
+        parts = []
+        for key in self._pending(result):
+            m, lm = result.models[key], self.lab.models[key]
+            acts = m.pending_cam
+            assert acts is not None
+            flat = acts.flatten(2)
+            varying = int((flat.amax(-1) != flat.amin(-1)).sum())
+            if options.method == "scorecam":
+                precision = lm.probe_precision(options.precision).replace("check", "fp32")
+                ms = lm.forward_ms.get(precision) or lm.forward_ms.get("fp32")
+                eta = f", about {_fmt_seconds(varying * ms / 1e3)}" if ms else ""
+                parts.append(f"{m.display_name}: {varying:,} masked forwards ({precision}){eta}")
+            else:
+                parts.append(f"{m.display_name}: {acts.shape[1]:,} ablated channels through the layers after "
+                             f"{m.cam_layer}")
+        label = CAM_METHODS[options.method][1].split(" (")[0]
+        return f"<b>{label}</b> will run next, one model at a time: " + "; ".join(parts) + \
+            ". The other views are ready now; <b>Cancel</b> stops it."
+
+    # ----------------------------------------------------------------------------------------
+    # The slow lane
+
+    def complete_slow(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """Compute pending Score-CAM / Ablation-CAM maps, one model at a time, with progress."""
+        if session is None or session.result is None or not self._pending(session.result):
+            return
+        run, result = session.run, session.result
+        with self.slow_lane:
+            yield from self._complete_pending(session, run, result.options, opacity)
+            if session.current(run) and not self._pending(result):
+                yield self._final(session, opacity)
+
+    def _complete_pending(self, session: Session, run: int, options: AnalysisOptions,
+                          opacity: float) -> Iterator[dict[Any, Any]]:
+        """Every pending slow CAM of the session's result, one model after the other (hold the lane)."""
+        assert session.result is not None
+        for key in self._pending(session.result):
+            if not session.current(run):
+                return
+            yield from self._slow_steps(session, run, key, options, opacity)
+
+    def _slow_steps(self, session: Session, run: int, key: str, options: AnalysisOptions,
+                    opacity: float) -> Iterator[dict[Any, Any]]:
+        """One model's slow CAM in a worker thread; this generator reports its progress."""
+        result, image, lm = session.result, session.image, self.lab.models[key]
+        assert result is not None and image is not None
+        check = session.checker(run, self.settings.stopping)
+        state: dict[str, Any] = {"done": 0, "total": 1, "start": time.perf_counter()}
+
+        def progress(done: int, total: int, what: str) -> None:
+            state.update(done=done, total=total)
+            check()
+
+        def work() -> None:
+            try:
+                complete_cam(lm, image, result.models[key], options, progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - handed to the generator below
+                state["error"] = exc
+
+        worker = threading.Thread(target=work, name=f"slow-cam-{key}", daemon=True)
+        worker.start()
+        label = CAM_METHODS[options.method][1].split(" (")[0]
+        try:
+            while worker.is_alive():
+                worker.join(0.75)
+                yield {self.page.compare.captions[key]: views.status_html(
+                    self._progress_text(label, state), kind="busy")}
+        finally:
+            if worker.is_alive():  # the page went away or Cancel was pressed: stop at the next batch
+                session.cancel()
+                worker.join(30)
+        error = state.get("error")
+        if isinstance(error, Cancelled):
+            yield {self.page.compare.status: views.status_html(f"{label} stopped: {error}.", kind="stale"),
+                   self.page.compare.captions[key]: views.status_html(f"{label} cancelled.", kind="stale"),
+                   self.page.controls.cancel: gr.update(visible=False)}
+            return
+        if error is not None:
+            log.exception("slow CAM failed", exc_info=error)
+            raise gr.Error(f"{label} failed: {error}", print_exception=False)
+        yield self._compare_views(session, opacity)
+
+    @staticmethod
+    def _progress_text(label: str, state: dict[str, Any]) -> str:
+        done, total = state["done"], max(state["total"], 1)
+        elapsed = time.perf_counter() - state["start"]
+        eta = f", about {_fmt_seconds(elapsed * (total - done) / done)} left" if done else ""
+        return f"{label}: {done:,} of {total:,} ({done / total:.0%}){eta}"
+
+    def cancel(self, session: Session | None) -> dict[Any, Any]:
+        if session is not None:
+            session.cancel()
+        return {self.page.compare.status: views.status_html("Cancelled.", kind="stale"),
+                self.page.controls.cancel: gr.update(visible=False)}
+
+    # ----------------------------------------------------------------------------------------
+    # Views of the current result
+
+    def _views(self, session: Session, opacity: float) -> dict[Any, Any]:
+        return {**self._compare_views(session, opacity), **self._groups_views(session),
+                **self._depth_views(session)}
+
+    def _compare_views(self, session: Session, opacity: float) -> dict[Any, Any]:
+        result, c = session.result, self.page.compare
+        if result is None:
+            return {}
+        out: dict[Any, Any] = {}
+        for key, m in result.models.items():
+            out[c.images[key]] = views.cam_image(result, key, opacity=opacity, view=session.view)
+            out[c.top5[key]] = views.top5_html(m)
+            out[c.captions[key]] = views.caption_html(m) if m.cam is not None else views.status_html(
+                "Waiting for its turn in the slow lane…", kind="busy")
+        out[c.difference] = views.difference_image(result, view=session.view)
+        out[c.difference_caption] = self._difference_caption(list(result.models.values()))
+        return out
+
+    @staticmethod
+    def _difference_caption(models: list[ModelResult]) -> str:
+        if len(models) != 2 or any(m.cam is None for m in models):
+            return ""
+        a, b = models
+        if a.class_agnostic or a.target_class == b.target_class:
+            return '<div class="caption">Both maps explain the same class.</div>'
+        return (f'<div class="caption">Careful: {a.display_name} explains <b>{a.target_label}</b>, '
+                f'{b.display_name} <b>{b.target_label}</b>; choose one class to compare like with like.</div>')
+
+    def _groups_views(self, session: Session) -> dict[Any, Any]:
+        result, g = session.result, self.page.groups
+        if result is None:
+            return {}
+        picture, text = views.group_detail(result, session.group)
+        return {g.probe: views.probe_chart_html(result, sort=session.sort, selected=session.group),
+                g.grid: views.group_grid_html(result, selected=session.group), g.group: session.group,
+                g.detail_image: picture, g.detail_text: text}
+
+    def _depth_views(self, session: Session) -> dict[Any, Any]:
+        result, d = session.result, self.page.depth
+        sanet = result.models.get("sanet50") if result else None
+        if sanet is None or not sanet.sa_gates:
+            return {d.heatmap: None, d.lines: None, d.nearest: "*SANet50's SA gates appear here.*"}
+        heatmap = charts.to_image(charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates "
+                                                       "across depth"))
+        return {d.heatmap: heatmap, d.lines: charts.to_image(charts.gates_lines(sanet.sa_gates)),
+                d.nearest: views.nearest_view(sanet.sa_gates, self.settings.profiles)}
+
+    def _final(self, session: Session, opacity: float) -> dict[Any, Any]:
+        """Every view complete, the zip and result.json written: the message API clients get."""
+        result = session.result
+        assert result is not None
+        data, archive = self._save_outputs(result)
+        return {**self._views(session, opacity), self.page.session: session,
+                self.page.compare.status: "", self.page.controls.cancel: gr.update(visible=False),
+                self.page.download.archive: archive, self.page.download.result_json: data}
+
+    def _save_outputs(self, result: AnalysisResult) -> tuple[dict[str, Any], str]:
+        _prune(self.settings.output_dir, self.settings.output_ttl_s)
+        self.settings.output_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="analysis-", dir=self.settings.output_dir))
+        data = write_result(result, folder)
+        archive = folder.with_suffix(".zip")
+        archive.write_bytes(zip_folder(folder))
+        return data, str(archive)
+
+    def rerender(self, opacity: float, view: str, session: Session | None) -> dict[Any, Any]:
+        """Opacity or view changed: redraw the heatmaps (typed, dragged or keyed values all apply)."""
+        if session is None:
+            return {}
+        session.view = view
+        return self._compare_views(session, opacity) if session.result is not None else {}
+
+    def select_group(self, k: float | None, session: Session | None) -> dict[Any, Any]:
+        if session is None or session.result is None or k is None:
+            return {}
+        session.group = int(np.clip(round(float(k)), 0, 63))
+        return self._groups_views(session)
+
+    def group_clicked(self, session: Session | None, evt: gr.EventData) -> dict[Any, Any]:
+        """A click on a bar or a map: open that group."""
+        return self.select_group(getattr(evt, "group", None), session)
+
+    def resort(self, sort: str, session: Session | None) -> dict[Any, Any]:
+        if session is None:
+            return {}
+        session.sort = sort
+        if session.result is None:
+            return {}
+        return {self.page.groups.probe: views.probe_chart_html(session.result, sort=sort, selected=session.group)}
+
+    def add_resnet_probe(self, probe_resnet: bool, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """The baseline's probe for the image already analysed, when the box is ticked."""
+        if not probe_resnet or session is None or session.result is None or session.image is None:
+            return
+        check = session.checker(session.run, self.settings.stopping)
+        yield from self._probes(session, ("resnet50",), check)
+        if not self._pending(session.result):
+            yield self._final(session, opacity)
+
+    # ----------------------------------------------------------------------------------------
+    # Class correlation
+
+    def correlate(self, files: Sequence[str] | None, labels_text: str) -> dict[Any, Any]:
+        """SANet50's gates for several images, and the class x class correlation at every depth."""
+        files = list(files or [])
+        if len(files) < 2:
+            raise gr.Error("Upload at least two images (of at least two classes).", print_exception=False)
+        if len(files) > self.settings.max_correlation_images:
+            raise gr.Error(f"At most {self.settings.max_correlation_images} images at once.", print_exception=False)
+        given = [line.strip() for line in (labels_text or "").splitlines()]
+        gates, labels, rows, skipped = [], [], [], []
+        for i, path in enumerate(files):
+            name = Path(path).name
+            try:
+                image = self.lab.prepare(path, limits=self.settings.limits, name=name)
+            except ImageDecodeError as exc:
+                skipped.append(str(exc))
+                continue
+            sanet = explain(self.lab, image, AnalysisOptions(probe=False), model_keys=("sanet50",),
+                            name=name).models["sanet50"]
+            predicted = sanet.top5[0]
+            label = given[i] if i < len(given) and given[i] else f"{predicted.index}: {predicted.label}"
+            gates.append(sanet.sa_gates)
+            labels.append(label)
+            rows.append([name, label, f"{predicted.index}: {predicted.label} ({predicted.prob:.1%})"])
+        if len(rows) < 2:
+            raise gr.Error("Fewer than two of the files are pictures that can be analysed. " + "; ".join(skipped),
+                           print_exception=False)
+        if len(set(labels)) < 2:
+            raise gr.Error("The images fall into fewer than two classes: add images of another class or give "
+                           "labels (one per line, in upload order).", print_exception=False)
+        corr = class_correlation(gates, labels)
+        c = self.page.correlation
+        matrices = charts.correlation_matrices(corr, class_names=[str(x) for x in corr.classes])
+        return {c.line: charts.to_image(charts.correlation_vs_depth(corr)), c.matrices: charts.to_image(matrices),
+                c.table: rows, c.message: self._correlation_note(corr, len(rows), skipped),
+                c.numbers: corr.to_dict()}
+
+    def _correlation_note(self, corr: Any, images: int, skipped: list[str]) -> str:
+        note = [f"{images} images, {len(corr.classes)} classes."]
+        undefined = [d for d in corr.depths if not corr.defined(d)]
+        if undefined:
+            reasons = sorted({corr.notes[d] for d in undefined})
+            note.append(f"**Undefined at {len(undefined)} of {len(corr.depths)} depths** (greyed): "
+                        + "; ".join(reasons) + ".")
+        if any(not lm.weights.pretrained for key, lm in self.lab.models.items() if key == "sanet50"):
+            note.append("**SANet50 is untrained**: these gates are not the published model's.")
+        if skipped:
+            note.append("Skipped: " + "; ".join(skipped))
+        return "\n\n".join(note)
+
+
+def _prune(folder: Path, ttl_s: float) -> None:
+    """Delete this app's outputs older than ``ttl_s`` (Gradio keeps its own copies for serving)."""
+    cutoff = time.time() - ttl_s
+    for path in folder.glob("analysis-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                if path.is_dir():
+                    for child in path.iterdir():
+                        child.unlink()
+                    path.rmdir()
+                else:
+                    path.unlink()
+        except OSError:
+            pass  # another request pruned it first

@@ -1,0 +1,206 @@
+"""One builder per part of the page; each returns its components so handlers can address them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..cam import CAM_METHODS, MULTI_PASS_METHODS
+from ..lab import Lab
+from ..models import module_to_paper_name
+from .session import BY_GROUP, BY_SCORE, CROP, WHOLE
+from .style import CLICK_JS
+from .texts import GLOSSARY, HOW_TO_READ
+from .upload import UploadedImage
+
+__all__ = ["Controls", "CompareTab", "GroupsTab", "DepthTab", "CorrelationTab", "DownloadTab", "PREDICTED",
+           "build_controls", "build_compare_tab", "build_groups_tab", "build_depth_tab", "build_correlation_tab",
+           "build_download_tab", "class_choices", "layer_choices", "how_to_read"]
+
+PREDICTED = "predicted"
+
+
+def class_choices(categories: Sequence[str]) -> list[tuple[str, str]]:
+    return [("predicted (each model's top-1)", PREDICTED)] + [(f"{i}: {name}", str(i))
+                                                               for i, name in enumerate(categories)]
+
+
+def layer_choices(lab: Lab) -> list[tuple[str, str]]:
+    """Bottlenecks every model has, named by the paper (SA_5_3 = layer4.2), deepest first."""
+    names = [dict(lm.model.named_modules()) for lm in lab.models.values()]
+    common = [n for n in names[0] if n.count(".") == 1 and n.startswith("layer") and all(n in m for m in names)]
+    return [(f"{module_to_paper_name(n)} ({n})", n) for n in reversed(common)]
+
+
+def how_to_read(tab: str, *, glossary: bool = False) -> None:
+    with gr.Accordion("How to read this", open=False):
+        text = HOW_TO_READ[tab]
+        if glossary:
+            text += "\n\n**Terms**\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in GLOSSARY.items())
+        gr.Markdown(text)
+
+
+@dataclass
+class Controls:
+    image: UploadedImage
+    analyse: gr.Button
+    cancel: gr.Button
+    method: gr.Dropdown
+    target: gr.Dropdown
+    layer: gr.Dropdown
+    opacity: gr.Slider
+    view: gr.Radio
+
+
+def build_controls(lab: Lab, examples: Sequence[str], max_bytes: int) -> Controls:
+    image = UploadedImage(type="filepath", label="Image", height=260, elem_id="image-input",
+                          sources=["upload", "webcam", "clipboard"])
+    image.max_bytes = max_bytes
+    with gr.Row():
+        analyse = gr.Button("Analyse", variant="primary", elem_id="analyse-button", scale=3)
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-button", visible=False, scale=1)
+    if examples:
+        gr.Examples(examples=list(examples), inputs=image, label="Examples (CC0 / public domain)",
+                    examples_per_page=8)
+    first = next(iter(lab.models.values()))
+    layers = layer_choices(lab)
+    with gr.Accordion("Controls", open=True):
+        slow = ", ".join(CAM_METHODS[m][1].split(" (")[0] for m in sorted(MULTI_PASS_METHODS))
+        method = gr.Dropdown([(label, name) for name, (_, label) in CAM_METHODS.items()], value="gradcam",
+                             label="CAM method", info=f"{slow}: minutes here, cancellable", elem_id="method")
+        target = gr.Dropdown(class_choices(first.categories or []), value=PREDICTED, label="Class to explain",
+                             filterable=True, elem_id="target-class")
+        layer = gr.Dropdown(layers, value=layers[0][1] if layers else None, label="Target layer",
+                            info="SA_5_3 = the last block; earlier blocks give coarser-grained maps")
+        opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
+        view = gr.Radio([CROP, WHOLE], value=CROP, label="View", elem_id="view",
+                        info="The models see only a 224 x 224 centre crop of the photo")
+    return Controls(image, analyse, cancel, method, target, layer, opacity, view)
+
+
+@dataclass
+class CompareTab:
+    status: gr.HTML
+    images: dict[str, gr.Image]
+    top5: dict[str, gr.HTML]
+    captions: dict[str, gr.HTML]
+    difference: gr.Image
+    difference_caption: gr.HTML
+
+
+def build_compare_tab(lab: Lab, colorbars: tuple[str, str]) -> CompareTab:
+    status = gr.HTML(elem_id="compare-status")
+    images, top5, captions = {}, {}, {}
+    with gr.Row(elem_id="overlay-row", equal_height=False):
+        for key, lm in lab.models.items():
+            with gr.Column(min_width=140):
+                images[key] = gr.Image(label=lm.display_name, interactive=False, format="png",
+                                       elem_id=f"overlay-{key}", show_label=True, buttons=["download"])
+                top5[key] = gr.HTML(elem_id=f"top5-{key}")
+                captions[key] = gr.HTML(elem_id=f"caption-{key}")
+    gr.HTML(colorbars[0])
+    with gr.Accordion("Difference: SANet50 minus ResNet50", open=True):
+        difference = gr.Image(label="SANet50 minus ResNet50", interactive=False, format="png",
+                              elem_id="difference", height=320, buttons=["download"])
+        gr.HTML(colorbars[1])
+        difference_caption = gr.HTML(elem_id="difference-caption")
+    how_to_read("compare", glossary=True)
+    return CompareTab(status, images, top5, captions, difference, difference_caption)
+
+
+@dataclass
+class GroupsTab:
+    probe: gr.HTML
+    sort: gr.Radio
+    probe_resnet: gr.Checkbox
+    grid: gr.HTML
+    group: gr.Slider
+    detail_image: gr.Image
+    detail_text: gr.Markdown
+
+
+def build_groups_tab() -> GroupsTab:
+    how_to_read("groups", glossary=True)
+    probe = gr.HTML(elem_id="probe-chart", js_on_load=CLICK_JS, label="Group probes")
+    with gr.Row():
+        sort = gr.Radio([BY_GROUP, BY_SCORE], value=BY_GROUP, label="Order the bars", elem_id="probe-sort",
+                        scale=1)
+        probe_resnet = gr.Checkbox(False, label="Also probe ResNet50 (takes as long again)", elem_id="probe-resnet",
+                                   scale=2)
+    with gr.Row():
+        with gr.Column(scale=3, min_width=300):
+            grid = gr.HTML(elem_id="group-grid", js_on_load=CLICK_JS, label="Group maps")
+        with gr.Column(scale=2, min_width=260):
+            group = gr.Slider(0, 63, value=0, step=1, label="Group (chunk) k", elem_id="group-k",
+                              info="type a number, use the arrow keys, or click a bar or a map")
+            detail_image = gr.Image(label="Chunk k over the image", interactive=False, format="png",
+                                    elem_id="group-detail", height=300)
+            detail_text = gr.Markdown(elem_id="group-text")
+    return GroupsTab(probe, sort, probe_resnet, grid, group, detail_image, detail_text)
+
+
+@dataclass
+class DepthTab:
+    heatmap: gr.Image
+    lines: gr.Image
+    nearest: gr.Markdown
+
+
+def build_depth_tab() -> DepthTab:
+    how_to_read("depth")
+    # The charts carry their own titles: no label box over them.
+    heatmap = gr.Image(label="SA gates: depth x group", show_label=False, interactive=False, elem_id="gates-heatmap",
+                       format="png")
+    lines = gr.Image(label="Mean gate per SA module", show_label=False, interactive=False, elem_id="gates-lines",
+                     format="png")
+    nearest = gr.Markdown(elem_id="nearest-classes")
+    return DepthTab(heatmap, lines, nearest)
+
+
+@dataclass
+class CorrelationTab:
+    files: gr.File
+    labels: gr.Textbox
+    button: gr.Button
+    message: gr.Markdown
+    line: gr.Image
+    matrices: gr.Image
+    table: gr.Dataframe
+    numbers: gr.JSON
+
+
+def build_correlation_tab() -> CorrelationTab:
+    gr.Markdown("Upload images of several classes. For each SA depth: how alike the classes' SA gate profiles "
+                "are (the paper: shared early, class-specific late).")
+    how_to_read("correlation")
+    # No file_types: Gradio would refuse a real picture with an odd or missing extension; the
+    # decoder decides and names each file it skips.
+    files = gr.File(file_count="multiple", label="Images", elem_id="correlation-files")
+    labels = gr.Textbox(lines=3, label="Labels (optional, one per line in upload order; blank lines use the "
+                        "predicted class)")
+    button = gr.Button("Correlate", elem_id="correlate-button")
+    message = gr.Markdown()
+    line = gr.Image(label="Mean between-class correlation vs depth", show_label=False, interactive=False,
+                    elem_id="correlation-depth")
+    matrices = gr.Image(label="Class x class correlation", show_label=False, interactive=False,
+                        elem_id="correlation-matrices")
+    table = gr.Dataframe(headers=["image", "class used", "SANet50 prediction"], interactive=False)
+    with gr.Accordion("The numbers (JSON)", open=False):
+        numbers = gr.JSON(label="correlation", elem_id="correlation-json")
+    return CorrelationTab(files, labels, button, message, line, matrices, table, numbers)
+
+
+@dataclass
+class DownloadTab:
+    archive: gr.File
+    result_json: gr.JSON
+
+
+def build_download_tab() -> DownloadTab:
+    gr.Markdown("Everything `python -m sanet_viz analyze` writes for this image: result.json, the CAM arrays "
+                "and the pictures.")
+    archive = gr.File(label="Everything the CLI writes (zip)", elem_id="download")
+    result_json = gr.JSON(label="result.json", elem_id="result-json")
+    return DownloadTab(archive, result_json)

@@ -1,0 +1,78 @@
+"""What the app says to people: short explanations per tab and the terms a visitor meets."""
+
+from __future__ import annotations
+
+__all__ = ["ADD_WEIGHTS", "GLOSSARY", "HOW_TO_READ", "INTRO", "SA_NET_URL", "term"]
+
+SA_NET_URL = "https://github.com/wofmanaf/SA-Net"  # its README's table links the released weights
+TORCHVISION_URL = "https://pytorch.org/vision/stable/models/generated/torchvision.models.resnet50.html"
+
+# For operators, in a collapsed section (the README's "Weights" section says the same at length).
+ADD_WEIGHTS = (
+    "Put `resnet50-0676ba61.pth` (torchvision's IMAGENET1K_V1, downloaded automatically when the server "
+    "is online) and `sa_resnet50.pth.tar` (the SA-Net release, BaiduDrive share code 474p, linked from "
+    f"[the SA-Net repository]({SA_NET_URL})) in the `weights/` folder, or start the app with "
+    "`--resnet50 SPEC` / `--sanet50 SPEC` (a path, an http(s) URL or `hf://owner/repo/file`), then restart it. "
+    "`python -m sanet_viz weights` shows what the server finds.")
+
+INTRO = ("Upload a photo. Two networks classify it: **ResNet50** and **SANet50**, the same network with "
+         "*Shuffle Attention* (SA-Net, ICASSP 2021) in every block. The heatmaps show where each one looks; "
+         "the other tabs open up SANet50's attention.")
+
+# Term -> one-sentence definition (tooltips, and the glossary under "How to read this").
+GLOSSARY: dict[str, str] = {
+    "SA_5_3": "The last Shuffle Attention module of SANet50: stage 5, block 3 (layer4.2 in code).",
+    "SA group": "SA splits the 2048 channels into 64 groups of 32; each group has a channel gate (on one "
+                "half) and a spatial gate (on the other half).",
+    "chunk": "32 consecutive channels of the block's output. After SA's channel shuffle, chunk k holds half-"
+             "groups of two different SA groups, so chunk k is not SA group k.",
+    "gate": "A number between 0 (closed) and 1 (open) that SA multiplies a channel by: per channel for the "
+            "channel gate, per pixel for the spatial gate.",
+    "probe": "The paper's test of one chunk: mask the input with the chunk's map and see how much of the "
+             "predicted class's probability survives.",
+    "Grad-CAM": "A heatmap of where the class score is most sensitive, from the last block's features and "
+                "their gradients.",
+    "centre crop": "Both models see the 224 x 224 pixel square in the middle of the photo (resized so its "
+                   "short side is 256 pixels), not the whole photo.",
+}
+
+
+def term(name: str) -> str:
+    """HTML for a term with its definition on hover (and in the glossary for touch screens)."""
+    return f'<abbr title="{GLOSSARY[name]}">{name}</abbr>'
+
+
+HOW_TO_READ: dict[str, str] = {
+    "compare": (
+        "- **Heatmaps**: red is where the explanation is strongest, blue where it is weakest. Each map is "
+        "scaled to its own maximum (1 = its strongest point), so compare *where* the models look, not how "
+        "strongly.\n"
+        "- **Difference**: SANet50's map minus ResNet50's: red where SANet50 looks more, blue where "
+        "ResNet50 does.\n"
+        "- The models see only the **centre crop** of the photo; switch *View* to see it in place.\n"
+        "- **Score-CAM / Ablation-CAM** run one forward pass per channel (2048): they take minutes here; "
+        "you can cancel them. **EigenCAM** ignores the class you choose.\n"
+        "- Untrained weights give heatmaps of random features: they show how the tool works, not what "
+        "the networks learned."),
+    "groups": (
+        "- SA_5_3's output has 2048 channels. Chunk *k* = channels 32k ... 32k+31; its mean over the "
+        "channels is the *group map* (the small pictures).\n"
+        "- **Probe**: the input is multiplied by chunk *k*'s map, and the bar shows the probability the "
+        "model still gives to the class it predicted for the whole image. The dashed line is that "
+        "probability without a mask. A bar near or above it means the chunk keeps what the model needs.\n"
+        "- Blue bars (even *k*) hold channel-branch halves, orange bars (odd *k*) spatial-branch halves "
+        "of SA groups *k*/2 and 32 + *k*/2: the channel shuffle interleaves them.\n"
+        "- Hover a bar for its value; click a bar or a map to open that chunk."),
+    "depth": (
+        "- One row per SA module from SA_2_1 (early) to SA_5_3 (last), one column per SA group: how far "
+        "each gate is open for this image, averaged over the group's channels (and pixels).\n"
+        "- The paper finds early gates similar across classes and late gates class-specific.\n"
+        "- With untrained SANet50 every gate is sigmoid(1) = 0.731: the picture is flat, and that says "
+        "nothing about SA."),
+    "correlation": (
+        "- For each SA module, each class's average gate profile (64 channel + 64 spatial gates) is "
+        "compared with every other class's (Pearson r).\n"
+        "- High r at a depth: classes use SA's groups alike there. The paper: high early, lower late.\n"
+        "- A correlation of a constant profile is **undefined**: such depths are greyed, with the reason, "
+        "never drawn as a number. Untrained SANet50 gives constant profiles everywhere."),
+}

@@ -1,0 +1,172 @@
+"""The app's handlers called directly, without a server: tiny models, real Blocks, dict outputs."""
+
+from __future__ import annotations
+
+import base64
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLES, tiny_sa_resnet
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from sanet_viz import models
+from sanet_viz.lab import Lab, LoadedModel
+from sanet_viz.ui import AppSettings, Session, build_demo
+from sanet_viz.weights import WeightsInfo
+
+LAYER = "layer4.0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_lab(*, constant_gates: bool = False) -> Lab:
+    resnet = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=8).eval()
+    sanet = (models.SAResNet([1, 1, 1, 1], num_classes=10, sa_groups=4, planes=(8, 16, 32, 64)).eval()
+             if constant_gates else tiny_sa_resnet())  # the paper's 0/1 init: every gate is sigmoid(1)
+    info = WeightsInfo("untrained (test)", False, note="test models")
+    return Lab({"resnet50": LoadedModel("resnet50", "Tiny ResNet", resnet, info, probe_layer=LAYER, probe_groups=64),
+                "sanet50": LoadedModel("sanet50", "Tiny SANet", sanet, info, probe_layer=LAYER, probe_groups=64)})
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    settings = AppSettings(output_dir=tmp_path_factory.mktemp("outputs"))
+    demo = build_demo(tiny_lab(), settings)
+    return demo.handlers
+
+
+def last(messages: Iterator[dict[Any, Any]]) -> list[dict[Any, Any]]:
+    return list(messages)
+
+
+def merged(messages: list[dict[Any, Any]]) -> dict[Any, Any]:
+    """What the page shows after all messages: later values win."""
+    out: dict[Any, Any] = {}
+    for m in messages:
+        out.update(m)
+    return out
+
+
+def analyse(h: Any, session: Session, method: str = "gradcam", target: str = "predicted",
+            path: Path | None = EXAMPLES / "chelsea.jpg") -> list[dict[Any, Any]]:
+    return last(h.analyse(str(path) if path else None, method, target, LAYER, 0.5, False, session))
+
+
+def test_analyse_fills_every_view_and_the_last_message_is_complete(app: Any) -> None:
+    p = app.page
+    session = Session()
+    messages = analyse(app, session)
+    final = messages[-1]
+    for key in ("resnet50", "sanet50"):
+        image = final[p.compare.images[key]]
+        assert isinstance(image, np.ndarray) and image.shape == (224, 224, 3)
+        assert "untrained" in final[p.compare.top5[key]].lower()  # every headline of an untrained model says so
+    data = final[p.download.result_json]
+    assert set(data["models"]) == {"resnet50", "sanet50"}
+    assert data["models"]["sanet50"]["cam"]["class_agnostic"] is False
+    assert data["models"]["sanet50"]["group_probe"] is not None and data["models"]["resnet50"]["group_probe"] is None
+    assert Path(final[p.download.archive]).is_file()
+    assert "<img" in final[p.groups.probe] and final[p.groups.probe].count('data-group="') == 64
+    assert final[p.groups.grid].count('data-group="') == 64
+    # The first message clears what an earlier picture left.
+    assert messages[0][p.compare.images["sanet50"]] is None and messages[0][p.download.result_json] is None
+
+
+def test_eigencam_says_the_class_has_no_effect(app: Any) -> None:
+    p = app.page
+    chosen = merged(analyse(app, Session(), "eigencam", "3"))
+    predicted = merged(analyse(app, Session(), "eigencam", "predicted"))
+    assert chosen[p.download.result_json]["models"]["sanet50"]["cam"]["class_agnostic"] is True
+    assert "ignores the class" in chosen[p.compare.captions["sanet50"]]
+    np.testing.assert_array_equal(chosen[p.compare.images["sanet50"]], predicted[p.compare.images["sanet50"]])
+
+
+def test_slow_method_in_a_page_is_estimated_then_completed_in_its_own_lane(app: Any) -> None:
+    p = app.page
+    session = Session(page=True)
+    fast = merged(analyse(app, session, "scorecam"))
+    assert fast[p.compare.images["sanet50"]] is None, "old or pending heatmaps are not shown as current"
+    assert "masked forwards" in fast[p.compare.status] and "Cancel" in fast[p.compare.status]
+    assert fast[p.controls.cancel]["visible"] is True
+    assert p.download.result_json not in fast or fast[p.download.result_json] is None
+    slow = last(app.complete_slow(0.5, session))
+    progress = [m[p.compare.captions[k]] for m in slow for k in ("resnet50", "sanet50")
+                if p.compare.captions[k] in m and "of" in str(m[p.compare.captions[k]])]
+    assert progress, "the panel being computed shows its progress"
+    final = slow[-1]
+    assert isinstance(final[p.compare.images["sanet50"]], np.ndarray)
+    assert final[p.download.result_json]["models"]["sanet50"]["cam"]["method"] == "scorecam"
+
+
+def test_cancel_stops_a_slow_method_and_a_new_click_replaces_it(app: Any) -> None:
+    p = app.page
+    session = Session(page=True)
+    merged(analyse(app, session, "scorecam"))
+    out = app.cancel(session)
+    assert "Cancelled" in out[p.compare.status] and out[p.controls.cancel]["visible"] is False
+    assert last(app.complete_slow(0.5, session)) == []
+    assert session.result is not None and session.result.models["sanet50"].cam is None
+    # A new analysis replaces a running one: the old run's checks now fail.
+    run = session.start()
+    check = session.checker(run - 1)
+    with pytest.raises(Exception, match="newer request"):
+        check()
+
+
+def test_a_non_picture_is_refused_at_upload_and_stale_results_cleared(app: Any, tmp_path: Path) -> None:
+    p = app.page
+    session = Session()
+    analyse(app, session)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture at all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = app.new_image(str(text), session)
+    assert any("notes.jpg" in str(w.message) and "not a picture" in str(w.message) for w in caught)
+    assert out[p.controls.image] is None and "notes.jpg" in out[p.compare.status]
+    assert out[p.compare.images["sanet50"]] is None and out[p.download.result_json] is None
+    assert session.result is None and session.image is None
+    with pytest.raises(gr.Error, match="Add an image first"):
+        analyse(app, session, path=None)
+
+
+def test_controls_views_and_groups(app: Any) -> None:
+    p = app.page
+    session = Session()
+    final = analyse(app, session)[-1]
+    crop = final[p.compare.images["sanet50"]]
+    whole = app.rerender(0.5, "whole photo (crop outlined)", session)[p.compare.images["sanet50"]]
+    assert whole.shape[:2] == session.image.preview.shape[:2] != crop.shape[:2]
+    faint = app.rerender(0.1, "centre crop (what the models see)", session)[p.compare.images["sanet50"]]
+    assert faint.shape == crop.shape and not np.array_equal(faint, crop)
+    opened = app.select_group(5, session)
+    assert "**Chunk 5**" in opened[p.groups.detail_text] and opened[p.groups.group] == 5
+    assert 'data-group="5" title' in opened[p.groups.probe] and "hit sel" in opened[p.groups.grid]
+    by_score = app.resort("by score", session)[p.groups.probe]
+    svg = base64.b64decode(by_score.split("base64,")[1].split('"')[0]).decode()
+    assert "sorted by score" in svg and "bars sorted by score" in by_score
+
+
+def test_correlation_of_constant_gates_is_undefined_not_a_number(tmp_path: Path) -> None:
+    h = build_demo(tiny_lab(constant_gates=True), AppSettings(output_dir=tmp_path)).handlers
+    c = h.page.correlation
+    files = [str(EXAMPLES / n) for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")]
+    out = h.correlate(files, "cat\ncup\nrocket")
+    numbers = out[c.numbers]
+    assert len(numbers["depths"]) == 4 and numbers["classes"] == ["cat", "cup", "rocket"]
+    assert numbers["mean_between_class_correlation"] == [None] * 4
+    assert all("constant" in reason for reason in numbers["undefined"].values())
+    assert all(v is None for m in numbers["matrices"].values() for row in m for v in row)
+    assert "Undefined at 4 of 4 depths" in out[c.message]
