@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, ROOT, load_test_module
 
 ARTIFACTS = ROOT / "artifacts"
