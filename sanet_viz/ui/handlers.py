@@ -163,8 +163,9 @@ class Handlers:
         try:
             yield from self._analyse(session, run, image, options, path, opacity, probe_resnet)
         except Cancelled as exc:  # a newer request of this visitor, Cancel, or a server stopping
-            yield {self.page.compare.status: views.status_html(f"Stopped: {exc}.", kind="stale"),
-                   self.page.controls.cancel: gr.update(visible=False)}
+            if run == session.run:  # a newer request owns the page now: say nothing over it
+                yield {self.page.compare.status: views.status_html(f"Stopped: {exc}.", kind="stale"),
+                       self.page.controls.cancel: gr.update(visible=False)}
 
     def reanalyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
                   probe_resnet: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
@@ -299,6 +300,8 @@ class Handlers:
                 worker.join(30)
         error = state.get("error")
         if isinstance(error, Cancelled):
+            if run != session.run:  # replaced by a newer request, which owns the page now
+                return
             yield {self.page.compare.status: views.status_html(f"{label} stopped: {error}.", kind="stale"),
                    self.page.compare.captions[key]: views.status_html(f"{label} cancelled.", kind="stale"),
                    self.page.controls.cancel: gr.update(visible=False)}
