@@ -402,13 +402,17 @@ def text_as_text() -> Iterator[None]:
         yield
 
 
-def figure_bytes(fig: Figure, fmt: str, *, dpi: float = 200, close: bool = True) -> bytes:
-    """``fig`` as PDF, SVG or PNG bytes with text kept as text; ``close`` drops it from pyplot too."""
+def figure_bytes(fig: Figure, fmt: str, *, dpi: float = 200, close: bool = True, tight: bool = False) -> bytes:
+    """``fig`` as PDF, SVG or PNG bytes with text kept as text.
+
+    ``close`` drops it from pyplot too; ``tight`` crops to what is drawn (the comparison figure's
+    size is part of its layout: leave it off there).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     buffer = io.BytesIO()
     with text_as_text():
-        fig.savefig(buffer, format=fmt, dpi=dpi, metadata=_metadata(fmt))
+        fig.savefig(buffer, format=fmt, dpi=dpi, metadata=_metadata(fmt), bbox_inches="tight" if tight else None)
     if close:
         import matplotlib.pyplot as plt
 
@@ -425,9 +429,9 @@ def _metadata(fmt: str) -> dict[str, str | None]:
     return {"Software": "sanet-viz"}
 
 
-def svg_bytes(fig: Figure, *, close: bool = True) -> bytes:
+def svg_bytes(fig: Figure, *, close: bool = True, tight: bool = False) -> bytes:
     """Any matplotlib figure (e.g. a ``charts`` view) as SVG with <text> elements."""
-    return figure_bytes(fig, "svg", close=close)
+    return figure_bytes(fig, "svg", close=close, tight=tight)
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: float = 200, close: bool = True) -> Path:

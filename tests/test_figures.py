@@ -25,19 +25,19 @@ from sanet_viz.analysis import AnalysisOptions
 from sanet_viz.cli import main
 from sanet_viz.lab import Lab, LoadedModel
 from sanet_viz.preprocessing import prepare
-from sanet_viz.weights import WeightsInfo
+from sanet_viz.weights import IMAGENET_EVAL, EvalTransform, WeightsInfo
 
 A4_TEXT = (170 / 25.4, 240 / 25.4)
 SLIDE = (13.333, 7.5)
 
 
-def tiny_lab(*, pretrained: bool) -> Lab:
+def tiny_lab(*, pretrained: bool, transform: EvalTransform = IMAGENET_EVAL) -> Lab:
     torch.manual_seed(2)
     resnet = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=8).eval()
     info = WeightsInfo("test weights" if pretrained else "untrained (test)", pretrained)
-    return Lab({"resnet50": LoadedModel("resnet50", "ResNet50", resnet, info, probe_layer="layer4.0", probe_groups=64),
-                "sanet50": LoadedModel("sanet50", "SANet50", tiny_sa_resnet(seed=3), info, probe_layer="layer4.0",
-                                       probe_groups=64)})
+    common = {"probe_layer": "layer4.0", "probe_groups": 64, "transform": transform}
+    return Lab({"resnet50": LoadedModel("resnet50", "ResNet50", resnet, info, **common),
+                "sanet50": LoadedModel("sanet50", "SANet50", tiny_sa_resnet(seed=3), info, **common)})
 
 
 @pytest.fixture(scope="module")
