@@ -15,6 +15,7 @@ through pyplot, so a server that makes many of them keeps none alive.
 from __future__ import annotations
 
 import io
+import itertools
 import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,8 +37,8 @@ from .results import AnalysisOptions, AnalysisResult, ModelResult
 from .weights import untrained_warning
 
 __all__ = ["COLUMNS", "DEFAULT_COLUMNS", "DIFF_CMAP", "FORMATS", "LAYOUTS", "Layout", "parse_columns",
-           "explain_for_figure", "comparison_figure", "result_figure", "text_as_text", "figure_bytes",
-           "svg_bytes", "save_figure"]
+           "models_for", "explain_for_figure", "comparison_figure", "result_figure", "max_images", "text_as_text",
+           "figure_bytes", "svg_bytes", "save_figure"]
 
 MODEL_COLUMNS = ("resnet50", "sanet50")
 COLUMNS = ("input", *MODEL_COLUMNS, "difference")
@@ -103,14 +104,12 @@ def explain_for_figure(lab: Lab, image: PreparedImage, options: AnalysisOptions,
 
 
 # ---------------------------------------------------------------------------------------------
-# Geometry (inches; y grows upwards as in matplotlib)
-
-_MARGIN, _GAP, _BAR = 0.12, 0.1, 0.13  # around the figure, between maps, thickness of a colour bar
+# Texts: what the figure says, known before it is laid out
 
 
 @dataclass(frozen=True)
 class _Bar:
-    columns: tuple[int, ...]  # grid columns it belongs to (it spans them when drawn below the grid)
+    columns: tuple[int, ...]  # columns (within a block) it belongs to; it spans them when drawn below
     cmap: str
     limits: tuple[float, float]
     ticks: tuple[float, ...]
@@ -118,33 +117,124 @@ class _Bar:
 
 
 @dataclass(frozen=True)
+class _Texts:
+    notes: list[tuple[str, str]]  # paragraphs above the grid, with their colours
+    headers: list[tuple[str, str]]  # one per column
+    bars: list[_Bar]
+
+
+def _probability(m: ModelResult, index: int) -> float:
+    """softmax(logits)[index] of the unmasked image, computed stably in float64."""
+    z = m.logits.astype(np.float64)
+    z = z - z.max()
+    return float(np.exp(z[index]) / np.exp(z).sum())
+
+
+def _method_label(method: str) -> str:
+    return CAM_METHODS[method][1].split(" (")[0]
+
+
+def _caption(method: str, layer: str, target: int | None) -> str:
+    paper = models.paper_name_or_none(layer)
+    where = f"{layer} ({paper})" if paper else layer
+    explained = (f"both maps explain class {target}" if target is not None
+                 else "each map explains its model's top-1 class")
+    return f"{_method_label(method)} at {where}; {explained} (name and probability above it)"
+
+
+def _column_header(column: str, names: dict[str, str], untrained: set[str]) -> tuple[str, str]:
+    if column == "input":
+        return "input", "black"
+    if column == "difference":
+        return f"{names['sanet50']} − {names['resnet50']}", "black"
+    if column in untrained:
+        return f"{names[column]} (UNTRAINED)", _UNTRAINED_COLOUR
+    return names[column], "black"
+
+
+def _bars(columns: Sequence[str], method: str, names: dict[str, str]) -> list[_Bar]:
+    cams = tuple(i for i, c in enumerate(columns) if c in MODEL_COLUMNS)
+    if "difference" in columns and cams and min(cams) < columns.index("difference") < max(cams):
+        cams = (cams[0],)  # a bar spanning the difference column would read as its scale
+    bars = []
+    if cams:
+        bars.append(_Bar(cams, charts.CAM_CMAP, (0.0, 1.0), (0.0, 0.5, 1.0),
+                         f"{_method_label(method)}: 0 = least, 1 = most relevant to the class explained"))
+    if "difference" in columns:
+        sanet, resnet = names["sanet50"], names["resnet50"]
+        bars.append(_Bar((columns.index("difference"),), DIFF_CMAP, (-1.0, 1.0), (-1.0, 0.0, 1.0),
+                         f"{sanet} − {resnet} (red: {sanet} higher; blue: {resnet} higher)"))
+    return bars
+
+
+def _texts(results: Sequence[AnalysisResult], columns: Sequence[str]) -> _Texts:
+    first = next(iter(results[0].models.values()))
+    names = {key: m.display_name for r in results for key, m in r.models.items()}
+    names = {k: names.get(k, default) for k, default in (("resnet50", "ResNet50"), ("sanet50", "SANet50"))}
+    untrained_keys = {key for r in results for key, m in r.models.items() if not m.weights.pretrained}
+    untrained = list(dict.fromkeys(n for r in results for n in r.untrained))
+    notes = [(untrained_warning(untrained, subject="these maps"), _UNTRAINED_COLOUR)] if untrained else []
+    notes.append((_caption(first.cam_method, first.cam_layer, results[0].options.target_class), "#333333"))
+    return _Texts(notes, [_column_header(c, names, untrained_keys) for c in columns],
+                  _bars(columns, first.cam_method, names))
+
+
+def _worst_texts(columns: Sequence[str]) -> _Texts:
+    """The longest texts a figure of these columns can have: for checking the size before any work."""
+    names = {"resnet50": "ResNet50", "sanet50": "SANet50"}
+    longest = max(CAM_METHODS, key=lambda m: len(_method_label(m)))
+    notes = [(untrained_warning(list(names.values()), subject="these maps"), _UNTRAINED_COLOUR),
+             (_caption(longest, "layer4.2", None), "#333333")]
+    return _Texts(notes, [_column_header(c, names, set(MODEL_COLUMNS)) for c in columns],
+                  _bars(columns, longest, names))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry (inches; y grows upwards as in matplotlib). Many images are laid out in blocks side by
+# side (images 1-4 in the first block, 5-8 in the second ...), each block with the figure's columns.
+
+_MARGIN, _GAP, _BLOCK_GAP, _BAR = 0.12, 0.1, 0.3, 0.13  # figure margin, gaps, colour bar thickness
+_MIN_TITLE_CHARS = 8  # a map narrower than this many title characters is not legible
+
+
+@dataclass(frozen=True)
 class _Geometry:
     width: float
     height: float
     font: float
-    rows: int
-    cols: int
+    blocks: int
+    rows: int  # per block
+    cols: int  # per block
     map_size: float
     title: float  # the two title lines above each map
     left: float  # x of the first column
     top: float  # y of the first row's maps' top edge
-    header: list[tuple[str, str]]  # lines above the column headers: (text, colour)
+    notes: list[tuple[str, str]]  # wrapped lines above the column headers: (text, colour)
+    header_lines: int  # of the column headers
     bars_right: bool  # colour bars right of the grid (True) or below it (False)
     bar_block: float  # width (right) or height (below) of one colour bar with its ticks and label
 
-    def cell(self, row: int, col: int) -> tuple[float, float, float, float]:
-        """Axes rectangle of a map, in inches: (x, y, width, height)."""
-        x = self.left + col * (self.map_size + _GAP)
+    def column_x(self, block: int, col: int) -> float:
+        block_w = self.cols * (self.map_size + _GAP) - _GAP + _BLOCK_GAP
+        return self.left + block * block_w + col * (self.map_size + _GAP)
+
+    def cell(self, image: int, col: int) -> tuple[float, float, float, float]:
+        """Axes rectangle of image ``image``'s map in column ``col``, in inches: (x, y, w, h)."""
+        block, row = divmod(image, self.rows)
         y = self.top - row * (self.map_size + self.title + _GAP) - self.map_size
-        return x, y, self.map_size, self.map_size
+        return self.column_x(block, col), y, self.map_size, self.map_size
 
     @property
-    def grid_width(self) -> float:
-        return self.cols * self.map_size + (self.cols - 1) * _GAP
+    def grid_right(self) -> float:
+        return self.column_x(self.blocks - 1, self.cols - 1) + self.map_size
 
     @property
     def grid_bottom(self) -> float:
         return self.cell(self.rows - 1, 0)[1]
+
+    @property
+    def legible(self) -> bool:
+        return self.map_size >= _MIN_TITLE_CHARS * _CHAR_WIDTH * 0.9 * self.font * _POINT
 
     def fraction(self, x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
         return x / self.width, y / self.height, w / self.width, h / self.height
@@ -155,7 +245,7 @@ def _line(font: float) -> float:
 
 
 def _chars(width: float, font: float) -> int:
-    return max(8, int(width / (_CHAR_WIDTH * font * _POINT)))
+    return max(1, int(width / (_CHAR_WIDTH * font * _POINT)))
 
 
 def _wrap(text: str, width: float, font: float) -> list[str]:
@@ -169,75 +259,68 @@ def _bar_span(bar: _Bar, map_size: float, grid_height: float, right: bool) -> fl
     return 0.8 * (len(bar.columns) * (map_size + _GAP) - _GAP)
 
 
-def _fit(box: Layout, results: Sequence[AnalysisResult], columns: Sequence[str], bars: Sequence[_Bar],
-         right: bool) -> _Geometry:
-    """The largest square maps that fit ``box`` with colour bars right of or below the grid.
+def _fit(box: Layout, texts: _Texts, images: int, blocks: int, right: bool) -> _Geometry:
+    """The largest square maps that fit ``box`` in ``blocks`` blocks, colour bars right or below.
 
-    Wrapped text depends on the map size and the map size on the text: a few rounds settle it
-    (line counts only grow and fonts only shrink, so it converges).
+    Wrapped text depends on the map size and the map size on the text: rounds repeat until a
+    round changes nothing (line counts only grow and fonts only shrink, so it settles).
     """
-    rows, cols = len(results), len(columns)
-    font, label_lines, size = box.font, 1, box.width / cols
-    for _ in range(6):
-        header = _header_texts(results, box.width - 2 * _MARGIN, font)
+    rows, cols, bars = -(-images // blocks), len(texts.headers), texts.bars
+    font, label_lines, size = box.font, 1, box.width / (cols * blocks)
+    for _ in range(12):
+        before = (font, label_lines, size)
+        notes = [(line, colour) for text, colour in texts.notes
+                 for line in _wrap(text, box.width - 2 * _MARGIN, font)]
         small = 0.9 * font
         title = 2 * _line(small) + 0.06
-        head_lines = len(header) + _column_header_lines(results[0], columns, size, font)
-        head_h = head_lines * _line(font) + 0.1
+        header_lines = max(len(_wrap(text, size, _BOLD * font)) for text, _ in texts.headers)
+        head_h = (len(notes) + header_lines) * _line(font) + 0.1
         block = _BAR + 0.05 + (1 + label_lines) * _line(small) + 0.12  # bar, ticks, label, space
         extra_w = len(bars) * (block + 3 * _CHAR_WIDTH * small * _POINT) if right else 0.0
         extra_h = block + 0.08 if (bars and not right) else 0.0
-        by_width = (box.width - 2 * _MARGIN - extra_w - (cols - 1) * _GAP) / cols
+        free_w = box.width - 2 * _MARGIN - extra_w - (blocks - 1) * _BLOCK_GAP - (cols * blocks - 1) * _GAP
         by_height = (box.height - 2 * _MARGIN - head_h - extra_h - rows * title - (rows - 1) * _GAP) / rows
-        size = max(0.2, min(by_width, by_height))
+        size = max(0.05, min(free_w / (cols * blocks), by_height))
         grid_h = rows * (size + title) + (rows - 1) * _GAP - title
         label_lines = max([label_lines] + [len(_wrap(b.label, _bar_span(b, size, grid_h, right), small))
                                            for b in bars])
         if size < box.min_map and font > box.min_font:
             font = max(box.min_font, font * size / box.min_map)
-    content_w = cols * size + (cols - 1) * _GAP + extra_w
+        if before[:2] == (font, label_lines) and abs(before[2] - size) < 1e-4:
+            break
+    content_w = blocks * (cols * (size + _GAP) - _GAP) + (blocks - 1) * _BLOCK_GAP + extra_w
     content_h = head_h + rows * (title + size) + (rows - 1) * _GAP + extra_h
     height = box.height if box.fill_height else min(box.height, content_h + 2 * _MARGIN)
     top = height - max(_MARGIN, (height - content_h) / 2)
-    return _Geometry(width=box.width, height=height, font=font, rows=rows, cols=cols, map_size=size,
-                     title=title, left=(box.width - content_w) / 2, top=top - head_h - title, header=header,
-                     bars_right=right, bar_block=block)
+    return _Geometry(width=box.width, height=height, font=font, blocks=blocks, rows=rows, cols=cols,
+                     map_size=size, title=title, left=(box.width - content_w) / 2, top=top - head_h - title,
+                     notes=notes, header_lines=header_lines, bars_right=right, bar_block=block)
 
 
-def _arrange(box: Layout, results: Sequence[AnalysisResult], columns: Sequence[str],
-             bars: Sequence[_Bar]) -> _Geometry:
-    """Colour bars go where they cost the maps least: below a wide grid, right of a tall one."""
-    options = [_fit(box, results, columns, bars, right) for right in ((False, True) if bars else (False,))]
-    return max(options, key=lambda g: (round(g.map_size, 3), -g.bars_right))
+def _arrange(box: Layout, texts: _Texts, images: int) -> _Geometry:
+    """The arrangement with the largest maps: one block or several side by side; colour bars below
+    a wide grid or right of a tall one (ties: fewer blocks, bars below)."""
+    blockings = sorted({-(-images // rows) for rows in range(1, images + 1)})  # distinct row counts
+    options = [_fit(box, texts, images, blocks, right) for blocks in blockings
+               for right in ((False, True) if texts.bars else (False,))]
+    return max(options, key=lambda g: (round(g.map_size, 3), -g.blocks, -g.bars_right))
+
+
+def max_images(*, columns: Sequence[str] = DEFAULT_COLUMNS, layout: str | Layout = "slide") -> int:
+    """How many images one figure of these columns holds legibly in ``layout`` (at most 200)."""
+    box = LAYOUTS[layout] if isinstance(layout, str) else layout
+    texts = _worst_texts(parse_columns(columns))
+    low, high = 1, 200  # legibility falls with the image count: bisect
+    if not _arrange(box, texts, 1).legible:
+        return 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _arrange(box, texts, mid).legible else (low, mid - 1)
+    return low
 
 
 # ---------------------------------------------------------------------------------------------
-# Content
-
-
-def _probability(m: ModelResult, index: int) -> float:
-    """softmax(logits)[index] of the unmasked image, computed stably in float64."""
-    z = m.logits.astype(np.float64)
-    z = z - z.max()
-    return float(np.exp(z[index]) / np.exp(z).sum())
-
-
-def _model_name(result: AnalysisResult, key: str) -> str:
-    return result.models[key].display_name
-
-
-def _method_label(method: str) -> str:
-    return CAM_METHODS[method][1].split(" (")[0]
-
-
-def _caption(results: Sequence[AnalysisResult]) -> str:
-    first = next(iter(results[0].models.values()))
-    paper = models.paper_name_or_none(first.cam_layer)
-    layer = f"{first.cam_layer} ({paper})" if paper else first.cam_layer
-    target = results[0].options.target_class
-    explained = (f"both maps explain class {target}" if target is not None
-                 else "each map explains its model's top-1 class")
-    return f"{_method_label(first.cam_method)} at {layer}; {explained} (name and probability above it)"
+# Drawing
 
 
 def _diff_overlay(display: np.ndarray, diff: np.ndarray, *, opacity: float) -> np.ndarray:
@@ -286,46 +369,15 @@ def _draw_cell(fig: Figure, rect: tuple[float, float, float, float], result: Ana
     ax.set_title(title, fontsize=0.9 * geometry.font, color=colour, pad=4, linespacing=1.15)
 
 
-def _column_header(result: AnalysisResult, column: str) -> tuple[str, str]:
-    if column == "input":
-        return "input", "black"
-    if column == "difference":
-        return f"{_model_name(result, 'sanet50')} − {_model_name(result, 'resnet50')}", "black"
-    m = result.models[column]
-    return (m.display_name, "black") if m.weights.pretrained else (f"{m.display_name} (UNTRAINED)",
-                                                                   _UNTRAINED_COLOUR)
-
-
-def _column_header_lines(result: AnalysisResult, columns: Sequence[str], map_size: float, font: float) -> int:
-    return max(len(_wrap(_column_header(result, c)[0], map_size, _BOLD * font)) for c in columns)
-
-
-def _header_texts(results: Sequence[AnalysisResult], width: float, font: float) -> list[tuple[str, str]]:
-    """Wrapped lines above the grid: the untrained note (red) first, then the caption."""
-    untrained = list(dict.fromkeys(n for r in results for n in r.untrained))
-    lines: list[tuple[str, str]] = []
-    if untrained:
-        note = untrained_warning(untrained, subject="these maps")
-        lines += [(line, _UNTRAINED_COLOUR) for line in _wrap(note, width, font)]
-    lines += [(line, "#333333") for line in _wrap(_caption(results), width, font)]
-    return lines
-
-
-def _bars(results: Sequence[AnalysisResult], columns: Sequence[str]) -> list[_Bar]:
-    first = results[0]
-    method = _method_label(next(iter(first.models.values())).cam_method)
-    cams = tuple(i for i, c in enumerate(columns) if c in MODEL_COLUMNS)
-    if "difference" in columns and cams and min(cams) < columns.index("difference") < max(cams):
-        cams = (cams[0],)  # a bar spanning the difference column would read as its scale
-    bars = []
-    if cams:
-        bars.append(_Bar(cams, charts.CAM_CMAP, (0.0, 1.0), (0.0, 0.5, 1.0),
-                         f"{method}: 0 = least, 1 = most relevant to the class explained"))
-    if "difference" in columns:
-        sanet, resnet = _model_name(first, "sanet50"), _model_name(first, "resnet50")
-        bars.append(_Bar((columns.index("difference"),), DIFF_CMAP, (-1.0, 1.0), (-1.0, 0.0, 1.0),
-                         f"{sanet} − {resnet} (red: {sanet} higher; blue: {resnet} higher)"))
-    return bars
+def _draw_headers(fig: Figure, texts: _Texts, g: _Geometry) -> None:
+    y = g.top + g.title + g.header_lines * _line(g.font) + 0.04  # just above the column headers
+    for text, colour in reversed(g.notes):
+        fig.text(0.5, y / g.height, text, ha="center", va="bottom", fontsize=g.font, color=colour)
+        y += _line(g.font)
+    for block, (col, (text, colour)) in itertools.product(range(g.blocks), enumerate(texts.headers)):
+        x = g.column_x(block, col) + g.map_size / 2
+        fig.text(x / g.width, (g.top + g.title + 0.04) / g.height, "\n".join(_wrap(text, g.map_size, _BOLD * g.font)),
+                 ha="center", va="bottom", fontsize=g.font, fontweight="bold", color=colour, linespacing=1.1)
 
 
 def _draw_bars(fig: Figure, bars: Sequence[_Bar], g: _Geometry) -> None:
@@ -334,10 +386,10 @@ def _draw_bars(fig: Figure, bars: Sequence[_Bar], g: _Geometry) -> None:
     for i, bar in enumerate(bars):
         span = _bar_span(bar, g.map_size, grid_h, g.bars_right)
         if g.bars_right:
-            x = g.left + g.grid_width + 0.2 + i * (g.bar_block + 3 * _CHAR_WIDTH * small * _POINT)
+            x = g.grid_right + 0.2 + i * (g.bar_block + 3 * _CHAR_WIDTH * small * _POINT)
             rect = (x, g.grid_bottom + (grid_h - span) / 2, _BAR, span)
-        else:
-            first = g.cell(0, min(bar.columns))[0]
+        else:  # under the first block's columns it belongs to
+            first = g.column_x(0, min(bar.columns))
             whole = len(bar.columns) * (g.map_size + _GAP) - _GAP
             rect = (first + (whole - span) / 2, g.grid_bottom - 0.1 - _BAR, span, _BAR)
         cax = fig.add_axes(g.fraction(*rect))
@@ -354,7 +406,9 @@ def comparison_figure(results: Sequence[AnalysisResult], *, columns: Sequence[st
     """Rows = ``results`` (one image each), columns as named (see :data:`COLUMNS`).
 
     The results must hold the models their columns show, computed with one CAM method and layer
-    (as :func:`explain_for_figure` makes them). Returns a figure not registered with pyplot.
+    (as :func:`explain_for_figure` makes them). More images than fit one column of rows go into
+    blocks side by side; more than :func:`max_images` is an error. Returns a figure not
+    registered with pyplot.
     """
     columns = parse_columns(columns)
     box = LAYOUTS[layout] if isinstance(layout, str) else layout
@@ -364,24 +418,18 @@ def comparison_figure(results: Sequence[AnalysisResult], *, columns: Sequence[st
         missing = [k for k in models_for(columns) if k not in r.models]
         if missing:
             raise ValueError(f"{r.image_name}: no {', '.join(missing)} in this result, which the columns need")
-    bars = _bars(results, columns)
-    g = _arrange(box, results, columns, bars)
-
+    texts = _texts(results, columns)
+    g = _arrange(box, texts, len(results))
+    if not g.legible:
+        raise ValueError(f"{len(results)} images do not fit one {box.name} figure of {len(columns)} columns "
+                         f"legibly (maps would be {g.map_size:.2f} in wide); at most "
+                         f"{max_images(columns=columns, layout=box)} do: make several figures")
     fig = Figure(figsize=(g.width, g.height))
-    col_lines = _column_header_lines(results[0], columns, g.map_size, g.font)
-    y = g.top + g.title + col_lines * _line(g.font) + 0.04  # just above the column headers
-    for text, colour in reversed(g.header):
-        fig.text(0.5, y / g.height, text, ha="center", va="bottom", fontsize=g.font, color=colour)
-        y += _line(g.font)
-    for col, column in enumerate(columns):
-        text, colour = _column_header(results[0], column)
-        x = g.cell(0, col)[0] + g.map_size / 2
-        fig.text(x / g.width, (g.top + g.title + 0.04) / g.height, "\n".join(_wrap(text, g.map_size, _BOLD * g.font)),
-                 ha="center", va="bottom", fontsize=g.font, fontweight="bold", color=colour, linespacing=1.1)
-    for row, result in enumerate(results):
+    _draw_headers(fig, texts, g)
+    for image, result in enumerate(results):
         for col, column in enumerate(columns):
-            _draw_cell(fig, g.fraction(*g.cell(row, col)), result, column, opacity=opacity, geometry=g)
-    _draw_bars(fig, bars, g)
+            _draw_cell(fig, g.fraction(*g.cell(image, col)), result, column, opacity=opacity, geometry=g)
+    _draw_bars(fig, texts.bars, g)
     return fig
 
 

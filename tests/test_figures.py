@@ -73,10 +73,10 @@ def overlaps(fig: Figure) -> list[str]:
 
 
 @pytest.mark.parametrize("layout", ["slide", "page"])
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 9])
 @pytest.mark.parametrize("columns", [figures.DEFAULT_COLUMNS, figures.COLUMNS])
 def test_sizes_and_nothing_overlaps(results: list, layout: str, rows: int, columns: tuple[str, ...]) -> None:
-    fig = figures.comparison_figure(results[:rows], columns=columns, layout=layout)
+    fig = figures.comparison_figure((results * 3)[:rows], columns=columns, layout=layout)
     width, height = fig.get_size_inches()
     if layout == "slide":
         assert (width, height) == pytest.approx(SLIDE, abs=1e-3)  # exactly a 16:9 slide
@@ -85,8 +85,23 @@ def test_sizes_and_nothing_overlaps(results: list, layout: str, rows: int, colum
     maps = [ax for ax in fig.axes if ax.images]
     assert len(maps) == rows * len(columns)
     sides = {round(ax.get_position().width * width, 6) for ax in maps}
-    assert len(sides) == 1 and sides.pop() > (0.9 if layout == "slide" else 1.0)  # one map size, not tiny
+    assert len(sides) == 1 and sides.pop() > (0.9 if layout == "slide" else 0.6)  # one map size, not tiny
     assert overlaps(fig) == []
+
+
+def test_many_images_go_into_blocks_and_too_many_are_refused(results: list) -> None:
+    limits = {(layout, len(columns)): figures.max_images(columns=columns, layout=layout)
+              for layout in figures.LAYOUTS for columns in (figures.DEFAULT_COLUMNS, figures.COLUMNS)}
+    for (layout, _), limit in limits.items():
+        assert limits[(layout, 3)] >= limits[(layout, 4)] >= 8  # a class's worth of examples fits
+    many = (results * 10)[:limits[("slide", 4)]]
+    fig = figures.comparison_figure(many, columns=figures.COLUMNS, layout="slide")
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == 4 * len(many)
+    lefts = sorted({round(ax.get_position().x0, 4) for ax in maps})
+    assert len(lefts) > 4  # blocks of rows side by side
+    with pytest.raises(ValueError, match=f"{len(many) + 1} images do not fit one slide figure of 4 columns"):
+        figures.comparison_figure((results * 10)[:len(many) + 1], columns=figures.COLUMNS)
 
 
 def svg_text(fig: Figure) -> str:
@@ -206,7 +221,8 @@ def test_figure_command_refuses_bad_options_before_loading(tmp_path: Path, monke
     for args, message in ((["--out", str(tmp_path / "f.jpg")], "--out must end in .pdf, .svg, .png"),
                           (["--out", str(tmp_path / "f.pdf"), "--columns", "input,x"], "unknown figure column(s) x"),
                           (["--out", str(tmp_path / "f.png"), "--dpi", "0"], "--dpi must be within"),
-                          (["--out", str(tmp_path / "f.png"), "--target-class", "1000"], "target class must be")):
+                          (["--out", str(tmp_path / "f.png"), "--target-class", "1000"], "target class must be"),
+                          ([*[chelsea] * 60, "--out", str(tmp_path / "f.png")], "holds at most")):
         assert main(["figure", chelsea, *args]) == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("f.*"))

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import MODEL_SPECS, untrained_warning
 
     columns = figures.parse_columns(args.columns)
+    limit = figures.max_images(columns=columns, layout=args.layout)
+    if len(args.images) > limit:
+        raise ValueError(f"{len(args.images)} images: one {args.layout} figure of {len(columns)} columns holds at "
+                         f"most {limit} legibly; make several figures")
     options = AnalysisOptions(method=args.method, target_class=args.target_class, cam_layer=args.layer,
                               probe=False, gates=False,
                               num_classes=min(spec.num_classes for spec in MODEL_SPECS.values()))
