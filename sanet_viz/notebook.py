@@ -43,6 +43,10 @@ def _detached(fig: Figure) -> Figure:
     return fig
 
 
+def _name(m: ModelResult) -> str:
+    return m.display_name if m.weights.pretrained else f"{m.display_name} (UNTRAINED weights)"
+
+
 def _png(fig: Figure, *, dpi: int = 80) -> bytes:
     return figures.figure_bytes(fig, "png", dpi=dpi, tight=True)
 
@@ -90,21 +94,19 @@ class NotebookResult:
         """The 64 group maps of the probe layer (the CLI's groups.png)."""
         m = self._model(model)
         layer = m.probe.paper_name if m.probe else "layer4.2"
-        return _detached(charts.group_grid(m.group_maps, title=f"{m.display_name}: 64 group maps of {layer}"))
+        return _detached(charts.group_grid(m.group_maps, title=f"{_name(m)}: 64 group maps of {layer}"))
 
     def gates(self) -> Figure:
         """SANet50's mean channel and spatial gates, depth x group (the CLI's gates.png)."""
-        m = self._model("sanet50")
-        if not m.sa_gates:
-            raise ValueError("no SA gates in this result (analysed with gates=False?)")
-        return _detached(charts.gates_heatmap(m.sa_gates, title=f"{m.display_name}: SA gates across depth"))
+        m, gates = self._gates()
+        return _detached(charts.gates_heatmap(gates, title=f"{_name(m)}: SA gates across depth"))
 
     def gates_by_depth(self) -> Figure:
         """SANet50's gates averaged over groups, one point per SA module."""
-        m = self._model("sanet50")
-        if not m.sa_gates:
-            raise ValueError("no SA gates in this result (analysed with gates=False?)")
-        return _detached(charts.gates_lines(m.sa_gates))
+        m, gates = self._gates()
+        fig = charts.gates_lines(gates)
+        fig.axes[0].set_title(f"{_name(m)}: mean SA gates by depth", fontsize=9)
+        return _detached(fig)
 
     def figure(self, *, columns: str | Sequence[str] = figures.DEFAULT_COLUMNS, layout: str = "slide",
                opacity: float = 0.5) -> Figure:
@@ -121,6 +123,12 @@ class NotebookResult:
         from .export import write_result
 
         return write_result(self.raw, folder)
+
+    def _gates(self) -> tuple[ModelResult, dict[str, dict[str, np.ndarray]]]:
+        m = self._model("sanet50")
+        if not m.sa_gates:
+            raise ValueError("no SA gates in this result (analysed with gates=False?)")
+        return m, m.sa_gates
 
     def _model(self, key: str) -> ModelResult:
         if key not in self.raw.models:

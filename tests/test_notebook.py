@@ -64,15 +64,17 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 
 @pytest.mark.slow
 def test_api_gives_the_numbers_of_the_cli(no_weights: Path, tmp_path: Path) -> None:
+    # Without the probe: its path (analysis.add_probes) is the same for both and the tiny-lab test
+    # below checks the API's probe options; two full probes would cost minutes on a loaded CPU.
     image = EXAMPLES / "chelsea.jpg"
     out = tmp_path / "out"
-    options = ["--precision", "fp32", "--target-class", "281", "--layer", "SA_5_2"]
+    options = ["--method", "gradcam++", "--target-class", "281", "--layer", "SA_5_2", "--no-probe"]
     assert main(["analyze", str(image), "--out", str(out), *options]) == 0
     written = json.loads((out / "chelsea" / "result.json").read_text())
 
     lab = notebook.load(verbose=False)
     assert lab.untrained == ["ResNet50", "SANet50"]
-    result = lab.analyze(image, precision="fp32", target_class=281, layer="SA_5_2")
+    result = lab.analyze(image, method="gradcam++", target_class=281, layer="SA_5_2", probe=False)
     assert_same(without_timings(result.to_dict()), without_timings(written))
     assert result.to_dict()["models"]["sanet50"]["cam"]["layer"] == "layer4.1"  # options reached the analysis
     for key in ("resnet50", "sanet50"):
@@ -81,7 +83,7 @@ def test_api_gives_the_numbers_of_the_cli(no_weights: Path, tmp_path: Path) -> N
     # Shows itself (both heatmaps, their top-5) and gives each view as a figure pyplot has forgotten.
     assert result._repr_png_().startswith(PNG_SIGNATURE)
     assert "UNTRAINED" in repr(result) and "UNTRAINED" in repr(lab)
-    views = [result.overlays(), result.probe(), result.groups(), result.gates(), result.gates_by_depth(),
+    views = [result.overlays(), result.groups(), result.gates(), result.gates_by_depth(),
              result.figure(columns="input,sanet50,difference")]
     assert all(isinstance(v, Figure) for v in views)
     assert plt.get_fignums() == []
@@ -109,6 +111,8 @@ def test_api_runs_the_analysis_with_the_cli_options_on_any_lab() -> None:
     assert_same(without_timings(result.to_dict()), without_timings(direct.to_dict()))
     assert result.models["resnet50"].probe is None and result.models["sanet50"].probe is not None
 
+    assert result._repr_png_().startswith(PNG_SIGNATURE)
+    assert isinstance(result.probe(), Figure) and plt.get_fignums() == []
     other = lab.analyze(EXAMPLES / "rocket.jpg", probe=False)
     fig = lab.figure([result, other, EXAMPLES / "chelsea.jpg"], columns="input,resnet50,sanet50,difference")
     assert len([ax for ax in fig.axes if ax.images]) == 3 * 4
