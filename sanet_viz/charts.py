@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")  # before pyplot: servers and CI have no display
+# Before pyplot: servers and CI have no display. Jupyter's inline backend (ipykernel sets
+# MPLBACKEND) also draws off-screen and is kept, or notebooks would show no figures.
+if "inline" not in os.environ.get("MPLBACKEND", ""):
+    matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np

@@ -20,7 +20,8 @@ LAYERS = [
     {"sanet_viz.preprocessing", "sanet_viz.hooks", "sanet_viz.cam", "sanet_viz.probes", "sanet_viz.correlation",
      "sanet_viz.profiles"},
     {"sanet_viz.lab"},
-    {"sanet_viz.results", "sanet_viz.analysis", "sanet_viz.charts", "sanet_viz.export"},
+    {"sanet_viz.results", "sanet_viz.analysis", "sanet_viz.charts", "sanet_viz.export", "sanet_viz.figures",
+     "sanet_viz.notebook"},
     {"sanet_viz.reproduce"},
 ]
 MAX_MODULE_LINES = 600
@@ -164,7 +165,7 @@ def test_modules_and_functions_stay_readable() -> None:
     assert not long_functions, long_functions
 
 
-@pytest.mark.parametrize("argv", [["weights", "--help"], ["analyze", "--help"]])
+@pytest.mark.parametrize("argv", [["weights", "--help"], ["analyze", "--help"], ["figure", "--help"]])
 def test_cli_help_loads_no_data_set_machinery(argv: list[str]) -> None:
     code = ("import sys\nfrom sanet_viz.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m sanet_viz analyze|weights|reproduce``.
+"""Command line: ``python -m sanet_viz analyze|figure|weights|reproduce``.
 
 One module per sub-command (``add_parser`` and ``run``), the shared model arguments in
 ``common``. Building the parser imports argparse only; each command imports what it needs when it
@@ -11,12 +11,12 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from . import analyze, reproduce, weights
+from . import analyze, figure, reproduce, weights
 from .common import error
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (analyze, weights, reproduce)
+COMMANDS = (analyze, figure, weights, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

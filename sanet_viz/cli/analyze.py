@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import COMPILE_HELP, add_model_args, error, warn
+from .common import COMPILE_HELP, add_model_args, error, load_lab, prepared_images, warn
 
 __all__ = ["add_parser", "run"]
 
@@ -35,12 +35,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..analysis import AnalysisOptions, analyze
     from ..export import write_result
-    from ..lab import Lab
-    from ..preprocessing import ImageDecodeError
     from ..weights import MODEL_SPECS, untrained_warning
 
     # Options first: a wrong one fails before the models load.
@@ -48,24 +44,10 @@ def run(args: argparse.Namespace) -> int:
                               precision=args.precision, probe=not args.no_probe,
                               probe_batch_size=args.probe_batch_size,
                               num_classes=min(spec.num_classes for spec in MODEL_SPECS.values()))
-    lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=args.device,
-                   weights_dir=args.weights_dir, require_pretrained=args.require_pretrained,
-                   compile_probe=args.compile, log=lambda m: print(m, file=sys.stderr))
-    for lm in lab.models.values():
-        if not lm.weights.pretrained:
-            warn(f"{untrained_warning([lm.display_name])} ({lm.weights.note})")
-    failures = 0
+    lab = load_lab(args, compile_probe=args.compile)
+    failed: list[Path] = []
     used: set[str] = set()
-    bar = tqdm(args.images, unit="image", disable=len(args.images) < 2, file=sys.stderr)
-    for path in bar:
-        bar.set_postfix_str(path.name[:30])
-        try:
-            image = lab.prepare(path, name=str(path))
-        except ImageDecodeError as exc:
-            hint = f" (this limit is set by ${exc.setting})" if exc.setting else ""
-            tqdm.write(f"error: {exc}{hint}", file=sys.stderr)
-            failures += 1
-            continue
+    for path, image in prepared_images(lab, args.images, failed):
         result = analyze(lab, image, options, name=path.name)
         data = write_result(result, args.out / _unique_stem(path, used))
         if len(args.images) < 2:
@@ -75,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for lm in lab.models.values():
         if lm.bf16_check is not None:
             print(f"{lm.display_name}: {lm.bf16_check.describe()}", file=sys.stderr)
+    failures = len(failed)
     if lab.untrained and len(args.images) > failures:
         warn(untrained_warning(lab.untrained, subject="results in this run"))
     print(f"wrote {len(args.images) - failures} of {len(args.images)} image(s) to {args.out}", file=sys.stderr)

@@ -6,9 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag"]
+if TYPE_CHECKING:
+    from ..lab import Lab
+    from ..preprocessing import PreparedImage
+
+__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images"]
 
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
                 "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
@@ -52,3 +58,40 @@ def warn(message: str) -> None:
 
 def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+def load_lab(args: argparse.Namespace, *, compile_probe: bool = False) -> Lab:
+    """Both models from the model arguments (:func:`add_model_args`), with a warning per untrained one."""
+    from ..lab import Lab
+    from ..weights import untrained_warning
+
+    lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=args.device,
+                   weights_dir=args.weights_dir, require_pretrained=args.require_pretrained,
+                   compile_probe=compile_probe, log=lambda m: print(m, file=sys.stderr))
+    for lm in lab.models.values():
+        if not lm.weights.pretrained:
+            warn(f"{untrained_warning([lm.display_name])} ({lm.weights.note})")
+    return lab
+
+
+def prepared_images(lab: Lab, paths: Sequence[Path], failed: list[Path]) -> Iterator[tuple[Path, PreparedImage]]:
+    """Each path decoded and prepared, under a progress bar when there are several.
+
+    A file that is not a picture gets a one-line error naming it, is appended to ``failed`` and
+    skipped; the others go on.
+    """
+    from tqdm import tqdm
+
+    from ..preprocessing import ImageDecodeError
+
+    bar = tqdm(paths, unit="image", disable=len(paths) < 2, file=sys.stderr)
+    for path in bar:
+        bar.set_postfix_str(path.name[:30])
+        try:
+            image = lab.prepare(path, name=str(path))
+        except ImageDecodeError as exc:
+            hint = f" (this limit is set by ${exc.setting})" if exc.setting else ""
+            tqdm.write(f"error: {exc}{hint}", file=sys.stderr)
+            failed.append(path)
+            continue
+        yield path, image
