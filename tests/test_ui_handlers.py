@@ -155,8 +155,9 @@ def test_controls_views_and_groups(app: Any) -> None:
     assert "**Chunk 5**" in opened[p.groups.detail_text] and opened[p.groups.group] == 5
     assert 'data-group="5" title' in opened[p.groups.probe] and "hit sel" in opened[p.groups.grid]
     by_score = app.resort("by score", session)[p.groups.probe]
+    assert "groups sorted by score" in by_score and "bars sorted by score" in by_score
     svg = base64.b64decode(by_score.split("base64,")[1].split('"')[0]).decode()
-    assert "sorted by score" in svg and "bars sorted by score" in by_score
+    assert svg.count("<rect") == 65  # the background and 64 bars
 
 
 def test_correlation_of_constant_gates_is_undefined_not_a_number(tmp_path: Path) -> None:
@@ -170,3 +171,16 @@ def test_correlation_of_constant_gates_is_undefined_not_a_number(tmp_path: Path)
     assert all("constant" in reason for reason in numbers["undefined"].values())
     assert all(v is None for m in numbers["matrices"].values() for row in m for v in row)
     assert "Undefined at 4 of 4 depths" in out[c.message]
+
+
+def test_download_makes_the_figure_and_every_chart_as_svg(app: Any) -> None:
+    session = Session()
+    analyse(app, session)
+    files = [Path(f) for f in app.make_figures("page", True, 0.5, session)[app.page.download.figures]]
+    names = {f.name for f in files}
+    assert {"chelsea-figure-page.pdf", "chelsea-figure-page.svg", "chelsea-figure-page.png"} <= names
+    assert {"chelsea-overlays.svg", "chelsea-probe.svg", "chelsea-groups.svg", "chelsea-gates.svg"} <= names
+    svg = next(f for f in files if f.name == "chelsea-figure-page.svg").read_text()
+    assert "<text" in svg and "UNTRAINED" in svg
+    with pytest.raises(gr.Error, match="Analyse an image first"):
+        app.make_figures("slide", False, 0.5, Session())

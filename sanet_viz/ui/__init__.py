@@ -124,6 +124,9 @@ def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> No
     g.sort.change(h.resort, [g.sort, s], [g.probe], api_visibility="private", **quiet)
     g.probe_resnet.input(h.add_resnet_probe, [g.probe_resnet, c.opacity, s], outputs, api_visibility="private",
                          **fast)
+    d = page.download
+    d.make.click(h.make_figures, [d.layout, d.difference, c.opacity, s], [d.figures], api_visibility="private",
+                 **fast)
     k = page.correlation
     k.button.click(h.correlate, [k.files, k.labels], [k.line, k.matrices, k.table, k.message, k.numbers],
                    api_name="correlate", **fast)

@@ -24,7 +24,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .. import charts
+from .. import charts, figures
 from ..analysis import AnalysisOptions, add_probes, complete_cam, explain
 from ..cam import CAM_METHODS, MULTI_PASS_METHODS
 from ..correlation import class_correlation
@@ -73,7 +73,7 @@ class Page:
         return [self.session, self.controls.cancel, c.status, *c.images.values(), *c.top5.values(),
                 *c.captions.values(), c.difference, c.difference_caption, g.probe, g.grid, g.group,
                 g.detail_image, g.detail_text, d.heatmap, d.lines, d.nearest, self.download.archive,
-                self.download.result_json]
+                self.download.result_json, self.download.figures]
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -136,7 +136,8 @@ class Handlers:
                                p.compare.difference: None, p.compare.difference_caption: "",
                                p.groups.probe: "", p.groups.grid: "", p.groups.detail_image: None,
                                p.groups.detail_text: "", p.depth.heatmap: None, p.depth.lines: None,
-                               p.depth.nearest: "", p.download.archive: None, p.download.result_json: None}
+                               p.depth.nearest: "", p.download.archive: None, p.download.result_json: None,
+                               p.download.figures: None}
         for key in self.lab.models:
             out |= {p.compare.images[key]: None, p.compare.top5[key]: "", p.compare.captions[key]: ""}
         return out
@@ -391,6 +392,37 @@ class Handlers:
         archive = folder.with_suffix(".zip")
         archive.write_bytes(zip_folder(folder))
         return data, str(archive)
+
+    def make_figures(self, layout: str, difference: bool, opacity: float,
+                     session: Session | None) -> dict[Any, Any]:
+        """The comparison figure of the current image (PDF, SVG, PNG) and every chart as SVG."""
+        result = session.result if session else None
+        if result is None or any(m.cam is None for m in result.models.values()):
+            raise gr.Error("Analyse an image first (and let a slow method finish).", print_exception=False)
+        columns = ("input", *result.models, *(("difference",) if difference and len(result.models) == 2 else ()))
+        self.settings.output_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="analysis-figures-", dir=self.settings.output_dir))
+        stem = Path(result.image_name).stem or "image"
+        paths = [figures.save_figure(figures.result_figure(result, columns=columns, layout=layout, opacity=opacity),
+                                     folder / f"{stem}-figure-{layout}.{fmt}") for fmt in figures.FORMATS]
+        for name, chart in self._charts(result).items():
+            path = folder / f"{stem}-{name}.svg"
+            path.write_bytes(figures.svg_bytes(chart, tight=True))
+            paths.append(path)
+        return {self.page.download.figures: [str(p) for p in paths]}
+
+    @staticmethod
+    def _charts(result: AnalysisResult) -> dict[str, Any]:
+        out = {"overlays": charts.overlay_pair(result)}
+        if any(m.probe is not None for m in result.models.values()):
+            out["probe"] = charts.probe_chart(result)
+        sanet = result.models.get("sanet50")
+        if sanet is not None:
+            out["groups"] = charts.group_grid(sanet.group_maps, title=f"{sanet.display_name}: group maps of SA_5_3")
+            if sanet.sa_gates:
+                out["gates"] = charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates")
+                out["gates-by-depth"] = charts.gates_lines(sanet.sa_gates)
+        return out
 
     def rerender(self, opacity: float, view: str, session: Session | None) -> dict[Any, Any]:
         """Opacity or view changed: redraw the heatmaps (typed, dragged or keyed values all apply)."""

@@ -196,11 +196,24 @@ def build_correlation_tab() -> CorrelationTab:
 class DownloadTab:
     archive: gr.File
     result_json: gr.JSON
+    layout: gr.Radio
+    difference: gr.Checkbox
+    make: gr.Button
+    figures: gr.File
 
 
 def build_download_tab() -> DownloadTab:
     gr.Markdown("Everything `python -m sanet_viz analyze` writes for this image: result.json, the CAM arrays "
                 "and the pictures.")
     archive = gr.File(label="Everything the CLI writes (zip)", elem_id="download")
+    with gr.Accordion("Figures for slides and handouts", open=True):
+        gr.Markdown("The paper-style figure of this image (input, both maps, one colour bar) as PDF, SVG and PNG, "
+                    "the same as `python -m sanet_viz figure`, and every chart as SVG; text stays text.")
+        with gr.Row():
+            layout = gr.Radio(["slide", "page"], value="slide", label="Size", info="16:9 slide or A4 page",
+                              elem_id="figure-layout")
+            difference = gr.Checkbox(True, label="With the difference map", elem_id="figure-difference")
+        make = gr.Button("Make figures", elem_id="figure-button")
+        figures = gr.File(label="Figures", file_count="multiple", elem_id="figure-files")
     result_json = gr.JSON(label="result.json", elem_id="result-json")
-    return DownloadTab(archive, result_json)
+    return DownloadTab(archive, result_json, layout, difference, make, figures)
