@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag"]
+__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "usage_error"]
 
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
                 "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
@@ -52,3 +52,12 @@ def warn(message: str) -> None:
 
 def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+
+
+def usage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a problem with what the user gave (weights, pictures, arguments, files):
+    a one-line message and exit status 2, not a traceback."""
+    from ..preprocessing import ImageDecodeError
+    from ..weights import WeightsError
+
+    return isinstance(exc, (WeightsError, ImageDecodeError, ValueError, FileNotFoundError))
