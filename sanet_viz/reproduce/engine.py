@@ -250,7 +250,11 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
                     bar.write(f"skipped: {msg}", file=sys.stderr)  # type: ignore[attr-defined]
                 if len(progress.errors) < options.max_error_examples:
                     progress.errors.append(msg)
-            x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)
+            # Copy first, then drop the undecodable: indexing would make an unpinned copy on the host.
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if bad:
+                keep = ok.to(device)
+                x, y = x[keep], y[keep]
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             outs = {key: evaluate_batch(lm, x, y, options) for key, lm in lab.models.items()} if len(y) else {}
