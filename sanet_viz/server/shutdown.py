@@ -39,7 +39,7 @@ import gradio as gr
 
 from ..progress import Cancelled
 
-__all__ = ["GracefulStop", "STOPPING", "stopping", "raise_if_stopping", "CANCEL_WINDOW_S"]
+__all__ = ["GracefulStop", "STOPPING", "stopping", "raise_if_stopping", "CANCEL_WINDOW_S", "pending_requests"]
 
 log = logging.getLogger("sanet-viz")
 
@@ -150,12 +150,17 @@ class GracefulStop:
             time.sleep(0.1)
 
     def _pending(self) -> tuple[int, int]:
-        queue = getattr(self.demo, "_queue", None)
-        if queue is None:
-            return 0, 0
-        running = sum(len(job) for job in getattr(queue, "active_jobs", []) if job)
-        try:
-            waiting = len(queue)
-        except TypeError:
-            waiting = 0
-        return running, waiting
+        return pending_requests(self.demo)
+
+
+def pending_requests(demo: gr.Blocks | None) -> tuple[int, int]:
+    """(running, waiting) requests in ``demo``'s queue; (0, 0) before it has one."""
+    queue = getattr(demo, "_queue", None)
+    if queue is None:
+        return 0, 0
+    running = sum(len(job) for job in getattr(queue, "active_jobs", []) if job)
+    try:
+        waiting = len(queue)
+    except TypeError:
+        waiting = 0
+    return running, waiting

@@ -19,6 +19,7 @@ from ..ui import CSS, THEME, AppSettings, build_demo
 from ..weights import default_weights_dir
 from .env import gradio_temp_dir
 from .janitor import CacheJanitor
+from .memory import MemoryReleaser
 from .shutdown import GracefulStop
 from .stats import engine_stats
 
@@ -104,6 +105,7 @@ def _blocked_paths(args: argparse.Namespace, demo: gr.Blocks) -> list[str]:
 def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
     """Serve ``demo`` until SIGTERM (then stop cleanly; see :class:`GracefulStop`)."""
     GracefulStop(demo, args.shutdown_grace).install()
+    MemoryReleaser(demo).start()
     janitor = CacheJanitor(demo, Path(get_upload_folder()), args.cache_ttl,
                            every_s=max(1, min(1800, args.cache_ttl // 2)))
     janitor.sweep()  # what earlier runs left behind
