@@ -104,7 +104,8 @@ def test_a_long_request_is_cancelled_in_the_last_part_of_the_grace() -> None:
     thread, outcome = _request(demo, steps=1000, step_s=0.05, cooperative=True)
     stop, took = _stop(demo, 1.5)
     assert outcome == ["cancelled: The server is shutting down; please try again in a minute."]
-    assert 1.0 <= took < 1.5 + 0.3  # cancelled once the last third of the grace began, within the grace
+    assert 1.0 <= took < 2.5  # asked once the last third of the grace began
+    # closed: the request had ended before the grace was over (else it would have been dropped)
     assert stop.left_with == 0 and demo.closed and not thread.is_alive()
 
 
@@ -112,7 +113,7 @@ def test_work_that_cannot_be_cancelled_is_dropped_at_the_end_of_the_grace() -> N
     demo = _Demo()
     thread, outcome = _request(demo, steps=100, step_s=0.05, cooperative=False)
     stop, took = _stop(demo, 1.0)
-    assert 1.0 <= took < 1.5 and stop.left_with == 0
+    assert 1.0 <= took < 2.0 and stop.left_with == 0
     assert not demo.closed  # its stream is still open: closing would make uvicorn cancel it and log a traceback
     assert outcome == [] and thread.is_alive()
 
