@@ -99,7 +99,8 @@ def finish(severity: int) -> int:
         if not pending:
             return agreed
         if not agreed:  # every rank passes the same agreement points on the way to a success
-            raise RuntimeError("reproduce: a rank finished while another was at an agreement point")
+            # A DistError: the caller attempts no further collective.
+            raise dist.DistError("reproduce: a rank finished while another was at an agreement point")
 
 
 def reduce_sums(sums: MutableMapping[str, Tensor]) -> None:
