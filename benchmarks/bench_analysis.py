@@ -122,6 +122,7 @@ def main() -> None:
                     if m.probe is not None and _ == 0 and precision != "auto":
                         probes.setdefault(f"{precision} {key}", []).append(m.probe.scores.numpy())
     peak_ours_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     if not args.skip_naive:
         for _ in range(args.repeats):
@@ -166,10 +167,16 @@ def main() -> None:
             for a, b in zip(probes[f"fp32 {key}"], probes[f"bf16 {key}"], strict=True):
                 print(f"  {key}: {np.abs(a - b).max():.4f}, {spearman(a, b):.3f}")
     print(f"\npeak resident memory (ours): {peak_ours_mb:.0f} MB")
+    if peak_gpu_mb is not None:
+        print(f"peak GPU memory allocated by torch (ours): {peak_gpu_mb:.0f} MB")
     if args.json:
         args.json.write_text(json.dumps({"median_ms": med, "stages_ms": {k: statistics.median(v) for k, v in
                                                                          stages.items()},
-                                         "peak_rss_mb": peak_ours_mb, "device": str(device)}, indent=2))
+                                         "peak_rss_mb": peak_ours_mb, "peak_gpu_mb": peak_gpu_mb,
+                                         "device": str(device),
+                                         "pretrained": {k: lm.weights.pretrained for k, lm in lab.models.items()},
+                                         "precision_checks": {k: lm.bf16_check.to_dict() if lm.bf16_check else None
+                                                              for k, lm in lab.models.items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -95,9 +95,7 @@ class LoadedModel:
         # Measured milliseconds per masked forward (one image) by precision, from the latest probe:
         # what the app's estimates for Score-CAM are made of.
         self.forward_ms: dict[str, float] = {}
-        # The first probe under ``auto`` precision compares bf16 with fp32 on its image; later
-        # probes follow the verdict (see probe_precision). Set and read holding ``lock``.
-        self.bf16_check: PrecisionCheck | None = None
+        self._bf16_check: PrecisionCheck | None = None
         self.model.to(self.device).eval().requires_grad_(False)
         outputs = _output_count(self.model)
         if self.categories is None:
@@ -113,6 +111,19 @@ class LoadedModel:
             self.fast_model = models.inference_copy(self.model, channels_last=True)
         if self.fast_model is not None:
             self.fast_model.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def bf16_check(self) -> PrecisionCheck | None:
+        """The first probe under ``auto`` precision compares bf16 with fp32 on its image; later
+        probes follow the verdict (see probe_precision). Set and read holding ``lock``."""
+        return self._bf16_check
+
+    @bf16_check.setter
+    def bf16_check(self, check: PrecisionCheck | None) -> None:
+        self._bf16_check = check
+        if check is not None and not check.passed:  # auto stays in fp32: free the bf16 copy (~50 MB)
+            self._fast_model_bf16 = None  # an explicit bf16 probe makes it again
+            self._compiled.pop("bf16", None)
 
     @property
     def probe_forward_model(self) -> nn.Module:

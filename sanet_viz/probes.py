@@ -102,10 +102,11 @@ def probe_scores(model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, *, 
     a time as one batch of masked inputs needs, so memory stays bounded for any N.
     """
     images_per_chunk = max(1, math.ceil(batch_size / maps.shape[1]))
-    classes = classes.to(x.device)
+    # The analysis passes CPU maps and labels with a GPU image: index them all on x's device.
+    maps, classes = maps.to(x.device), classes.to(x.device)
     scores, preds = [], []
     for chunk in torch.arange(len(x), device=x.device).split(images_per_chunk):
-        masks = probe_masks(maps[chunk].to(x.device), tuple(x.shape[-2:]))
+        masks = probe_masks(maps[chunk], tuple(x.shape[-2:]))
         s, p = masked_scores(model, x[chunk], masks, classes[chunk], batch_size=batch_size,
                              precision=precision, channels_last=channels_last)
         scores.append(s)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from . import analyze, figure, reproduce, weights
-from .common import error
+from .common import error, usage_error
 
 __all__ = ["main", "build_parser"]
 
@@ -30,15 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..preprocessing import ImageDecodeError
-    from ..weights import WeightsError
-
     start = time.perf_counter()
     try:
         return int(args.run(args))
-    except (WeightsError, ImageDecodeError, ValueError, FileNotFoundError) as exc:
-        error(str(exc))
-        return 2
     except KeyboardInterrupt:
         error(f"interrupted after {time.perf_counter() - start:.0f} s")
         return 130
+    except Exception as exc:
+        if not usage_error(exc):
+            raise  # a bug: the traceback, exit status 1
+        error(str(exc))
+        return 2

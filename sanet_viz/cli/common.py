@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from ..lab import Lab
     from ..preprocessing import PreparedImage
 
-__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images"]
+__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images",
+           "usage_error"]
 
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
                 "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
@@ -95,3 +96,12 @@ def prepared_images(lab: Lab, paths: Sequence[Path], failed: list[Path]) -> Iter
             failed.append(path)
             continue
         yield path, image
+
+
+def usage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a problem with what the user gave (weights, pictures, arguments, files):
+    a one-line message and exit status 2, not a traceback."""
+    from ..preprocessing import ImageDecodeError
+    from ..weights import WeightsError
+
+    return isinstance(exc, (WeightsError, ImageDecodeError, ValueError, FileNotFoundError))

@@ -10,12 +10,17 @@ import argparse
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
-from .common import COMPILE_HELP, add_model_args, warn
+from .common import COMPILE_HELP, add_model_args, error, usage_error, warn
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "exit_status"]
+
+# A run's outcome, from best to worst: under torchrun every rank reports its own, and all of them
+# exit with the worst (reproduce.distributed.finish), after rank 0 has written the outputs.
+DONE, UNDECODABLE, FAILED, CRASHED = 0, 1, 2, 3
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -54,7 +59,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``python -m sanet_viz reproduce``; exit 0 when done, 3 when some images failed to decode."""
+    """``python -m sanet_viz reproduce``; the exit status is :func:`exit_status` of the run's outcome,
+    the same on every rank under torchrun."""
     import torch
     import torch.distributed as dist
 
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..reproduce import run as run_reproduce
     from ..weights import MODEL_SPECS, untrained_warning
 
-    rank, _world, device_name = init_distributed(args.device)
+    rank, world, device_name = init_distributed(args.device)
     log = (lambda m: print(m, file=sys.stderr)) if rank == 0 else None
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -114,12 +120,53 @@ def run(args: argparse.Namespace) -> int:
             _report(result, args.out)
             if untrained:
                 warn(untrained_warning([lm.display_name for lm in untrained]) + ' (summary.json: "pretrained": false)')
-        return 3 if result.decode_errors else 0
+        return _agree(UNDECODABLE if result.decode_errors else DONE, rank, world)
+    except Exception as exc:
+        if world == 1 or isinstance(exc, dist.DistError):
+            raise  # one process: main reports it; a collective that failed: no more collectives
+        return _agree(_failure(exc, rank), rank, world)
     finally:
         if threading_main():
             signal.signal(signal.SIGTERM, previous)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_status(outcome: int, world: int) -> int:
+    """0 done; 3 done, but some files could not be decoded (one process only); 2 a problem with
+    the input (data, labels, weights, a saved state); 1 anything else.
+
+    Under torchrun (``world`` > 1) undecodable files give 0 on every rank: torchrun takes any
+    other status of a worker as a failure (it reports ChildFailedError, exits 1 itself, so a
+    scheduler never sees the 3, and restarts every worker under --max-restarts), while the run
+    is complete. The count is in summary.json (``decode_errors``) and rank 0 warns.
+    """
+    return {DONE: 0, UNDECODABLE: 3 if world == 1 else 0, FAILED: 2}.get(outcome, 1)
+
+
+def _failure(exc: Exception, rank: int) -> int:
+    """Report this rank's failure (under torchrun) and return its outcome."""
+    from ..reproduce.distributed import PeerFailed
+
+    if isinstance(exc, PeerFailed):
+        error(str(exc))
+        return DONE  # the rank that failed brings the outcome
+    if usage_error(exc):
+        error(f"rank {rank}: {exc}")
+        return FAILED
+    print(f"rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    return CRASHED
+
+
+def _agree(outcome: int, rank: int, world: int) -> int:
+    """Every rank's outcome, agreed (a collective under torchrun: every rank calls it once)."""
+    from ..reproduce.distributed import finish
+
+    agreed = finish(outcome)
+    if world > 1 and rank == 0 and agreed == UNDECODABLE:
+        warn("some files could not be decoded (summary.json: decode_errors); the exit status is 0 under "
+             "torchrun, which would take any other for a failed worker (docs/reproduce.md)")
+    return exit_status(agreed, world)
 
 
 def threading_main() -> bool:

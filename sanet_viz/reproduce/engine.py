@@ -184,7 +184,7 @@ def _plan(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reprod
     return _Plan(options, k_classes, fingerprint(samples, meta), rank, world)
 
 
-def _restore_checkpoint(plan: _Plan, progress: Progress, state_dir: Path | None, device: torch.device,
+def _restore_checkpoint(plan: _Plan, progress: Progress, state_dir: Path | None,
                         say: Callable[[str], None]) -> Path | None:
     """Step 2: continue from this rank's saved state, if it is this run's; every rank must agree."""
     path = state_path(state_dir, plan.rank, plan.world) if state_dir is not None else None
@@ -199,11 +199,12 @@ def _restore_checkpoint(plan: _Plan, progress: Progress, state_dir: Path | None,
             others = [p.name for p in state_dir.glob("rank*-of-*.pt") if not p.name.endswith(mine)]
             if others:
                 say(f"note: ignoring saved states of a run with another number of processes: {others[0]} ...")
-    if len(set(distributed.gather_objects(plan.fingerprint))) > 1 and not problem:
-        problem = ("the ranks see different data or models (every rank needs the same folder contents, "
-                   "--limit, weights and precision)")
-    if not distributed.all_agree(not problem, device):
-        raise ReproduceStateError(problem or "another rank could not use its saved state (see its error)")
+    if problem:  # before any collective: the other ranks learn it at check_peers
+        raise ReproduceStateError(problem)
+    distributed.check_peers()
+    if len(set(distributed.gather_objects(plan.fingerprint))) > 1:  # the same verdict on every rank
+        raise ReproduceStateError("the ranks see different data or models (every rank needs the same folder "
+                                  "contents, --limit, weights and precision)")
     return path
 
 
@@ -249,7 +250,11 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
                     bar.write(f"skipped: {msg}", file=sys.stderr)  # type: ignore[attr-defined]
                 if len(progress.errors) < options.max_error_examples:
                     progress.errors.append(msg)
-            x, y = x[ok].to(device, non_blocking=True), y[ok].to(device, non_blocking=True)
+            # Copy first, then drop the undecodable: indexing would make an unpinned copy on the host.
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if bad:
+                keep = ok.to(device)
+                x, y = x[keep], y[keep]
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             outs = {key: evaluate_batch(lm, x, y, options) for key, lm in lab.models.items()} if len(y) else {}
@@ -295,7 +300,10 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     """Evaluate every model of ``lab`` on ``samples`` (paths relative to ``root``).
 
     Under torch.distributed (initialised by the caller), each rank takes every world-th sample and
-    the sums are all-reduced at the end, so every rank returns the same result. With
+    the sums are all-reduced at the end, so every rank returns the same result. A rank that
+    fails raises here; the others raise :class:`distributed.PeerFailed` at their next agreement
+    point, once the failed rank has called :func:`distributed.finish` (which every rank then
+    calls; see ``distributed``). With
     ``state_dir``, partial sums are saved there (per rank) every ``checkpoint_every`` batches and
     on Ctrl-C/SIGTERM, and a later call with the same data, models and world size continues.
     """
@@ -303,13 +311,14 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     plan = _plan(lab, root, samples, options)
     say = log if (log and plan.rank == 0) else (lambda _m: None)
     progress = Progress(_zero_sums(lab, plan.num_classes, plan.options.probe, device))
-    path = _restore_checkpoint(plan, progress, Path(state_dir) if state_dir is not None else None, device, say)
+    path = _restore_checkpoint(plan, progress, Path(state_dir) if state_dir is not None else None, say)
     resumed = int(progress.sums["images"] + progress.sums["decode_errors"])
     total = shard_size(len(samples), plan.rank, plan.world)
     if progress.done:
         say(f"resuming: {progress.done} of this rank's {total} images were done before")
     started = time.perf_counter()
     session = _loop(lab, _loader(lab, root, samples, plan, progress.done), plan, progress, path, total, say)
+    distributed.check_peers()  # a rank whose loop failed is not coming to the reductions
     return _reduce_and_build(lab, plan, progress, session, resumed, time.perf_counter() - started)
 
 

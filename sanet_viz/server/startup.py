@@ -17,8 +17,10 @@ from ..lab import Lab
 from ..preprocessing import DecodeLimits
 from ..ui import CSS, THEME, AppSettings, build_demo
 from ..weights import default_weights_dir
+from . import shutdown
 from .env import gradio_temp_dir
 from .janitor import CacheJanitor
+from .memory import MemoryReleaser
 from .shutdown import GracefulStop
 from .stats import engine_stats
 
@@ -73,7 +75,7 @@ def create_demo(args: argparse.Namespace) -> gr.Blocks:
         log.info("profiles: %d classes from %d images (%s)", len(profiles.classes), profiles.images, args.profiles)
     settings = AppSettings(limits=DecodeLimits(max_pixels=args.max_pixels, max_bytes=args.max_file_size),
                            cache_ttl_s=args.cache_ttl, output_ttl_s=args.cache_ttl,
-                           concurrency=args.concurrency, profiles=profiles)
+                           concurrency=args.concurrency, profiles=profiles, stopping=shutdown.stopping)
     demo = build_demo(lab, settings)
     if os.environ.get("SANET_VIZ_DEBUG_STATS", "") in {"1", "true"}:
         log.warning("SANET_VIZ_DEBUG_STATS: /debug_stats shows hook counts and memory; not for public servers")
@@ -104,6 +106,7 @@ def _blocked_paths(args: argparse.Namespace, demo: gr.Blocks) -> list[str]:
 def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
     """Serve ``demo`` until SIGTERM (then stop cleanly; see :class:`GracefulStop`)."""
     GracefulStop(demo, args.shutdown_grace).install()
+    MemoryReleaser(demo).start()
     janitor = CacheJanitor(demo, Path(get_upload_folder()), args.cache_ttl,
                            every_s=max(1, min(1800, args.cache_ttl // 2)))
     janitor.sweep()  # what earlier runs left behind

@@ -164,6 +164,9 @@ class Handlers:
         try:
             yield from self._analyse(session, run, image, options, path, opacity, probe_resnet)
         except Cancelled as exc:  # a newer request of this visitor, Cancel, or a server stopping
+            if self.settings.stopping():
+                raise gr.Error("The server is shutting down; please try again in a minute.",
+                               print_exception=False) from None
             if run == session.run:  # a newer request owns the page now: say nothing over it
                 yield {self.page.compare.status: views.status_html(f"Stopped: {exc}.", kind="stale"),
                        self.page.controls.cancel: gr.update(visible=False)}
@@ -301,6 +304,8 @@ class Handlers:
                 worker.join(30)
         error = state.get("error")
         if isinstance(error, Cancelled):
+            if self.settings.stopping():
+                raise gr.Error("The server is shutting down; please try again in a minute.", print_exception=False)
             if run != session.run:  # replaced by a newer request, which owns the page now
                 return
             yield {self.page.compare.status: views.status_html(f"{label} stopped: {error}.", kind="stale"),
