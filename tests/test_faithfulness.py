@@ -348,38 +348,59 @@ def centre_blob(size: int = SIZE) -> np.ndarray:
 
 @pytest.mark.slow
 def test_grad_cam_is_more_faithful_than_random_and_centre_maps(pointing_model: models.SAResNet) -> None:
+    """Deletion and ROAD rank Grad-CAM's map above a random map and a centre blob on held-out images.
+
+    Insertion cannot rank maps on this task, and the test says so instead of asserting it: blur
+    keeps a flat square's colour, so the blurred picture insertion starts from already gives the
+    class away (measured on 12 held-out images: every map's insertion AUC 0.996, Grad-CAM 0.99627,
+    random 0.99648, centre 0.99645). Should the task change so that blur removes the evidence,
+    the first assertion fails and insertion belongs in the comparison.
+    """
     images, labels, _ = make_batch(12, torch.Generator().manual_seed(4321))  # held out
+    with torch.no_grad():
+        blurred = torch.softmax(pointing_model(fa.blur(images)), -1)[torch.arange(12), labels]
+    assert float(blurred.min()) > 0.9, blurred
     rng = np.random.default_rng(0)
-    auc: dict[str, list[tuple[float, float]]] = {"gradcam": [], "random": [], "centre": []}
+    deletion: dict[str, list[float]] = {"gradcam": [], "random": [], "centre": []}
+    road: dict[str, list[float]] = {name: [] for name in deletion}
     for i in range(len(images)):
         x, c = images[i:i + 1], int(labels[i])
         maps = {"gradcam": compute_cam(pointing_model, x, layer="layer3.0", target_class=c).cam,
                 "random": rng.random((SIZE, SIZE)).astype(np.float32), "centre": centre_blob()}
         for name, cam in maps.items():
-            deletion, insertion = fa.deletion_insertion(pointing_model, x, cam, c, steps=16, batch_size=17)
-            auc[name].append((deletion.auc, insertion.auc))
-    mean = {name: np.mean(values, axis=0) for name, values in auc.items()}
+            deletion[name].append(fa.deletion_insertion(pointing_model, x, cam, c, steps=16, batch_size=34)[0].auc)
+            if i < 3:  # ROAD's imputations cost about 0.1 s each at 128 x 128
+                road[name].append(fa.road_scores(pointing_model, x, cam, c).combined)
+    mean = {name: (np.mean(deletion[name]), np.mean(road[name])) for name in deletion}
     for baseline in ("random", "centre"):
-        assert mean["gradcam"][0] < mean[baseline][0] - 0.05, mean  # deletion: lower
-        assert mean["gradcam"][1] > mean[baseline][1] + 0.05, mean  # insertion: higher
+        assert mean["gradcam"][0] < mean[baseline][0] - 0.1, mean  # deletion: lower
+        assert mean["gradcam"][1] > mean[baseline][1] + 0.1, mean  # ROAD combined: higher
+    assert np.mean(np.array(deletion["gradcam"]) < np.array(deletion["random"])) >= 0.9
 
 
 @pytest.mark.slow
 def test_randomisation_cascade_destroys_the_trained_models_map(pointing_model: models.SAResNet) -> None:
+    """Adebayo et al.'s check passes for Grad-CAM: its map falls from rank correlation 1 with the
+    original to little once the classifier is re-initialised, and stays low down the cascade.
+
+    Measured on these 4 images: per-step mean Spearman -0.18 to 0.41 (0.10 overall), SSIM 0.27 to
+    0.55; what correlation remains is the object's contrast, which a random network's features
+    still respond to (the paper's edge-detector effect). A constant recomputed map (NaN
+    correlation) counts as 0: it keeps nothing of the original.
+    """
     before = model_snapshot(pointing_model)
-    images, labels, _ = make_batch(3, torch.Generator().manual_seed(99))
-    rho = []
+    images, labels, _ = make_batch(4, torch.Generator().manual_seed(99))
+    rho, similarity = [], []
     for i in range(len(images)):
         x, c = images[i:i + 1], int(labels[i])
         cam = compute_cam(pointing_model, x, layer="layer3.0", target_class=c).cam
         cascade = fa.randomization_cascade(pointing_model, x, cam, c, layer="layer3.0", seed=i)
         assert cascade.names == ["fc", "SA_5_1", "SA_4_1", "SA_3_1", "SA_2_1", "stem"]
         rho.append(np.nan_to_num(cascade.spearman, nan=0.0))
-    rho = np.mean(rho, axis=0)
-    # Randomising the layers that produce the CAM layer's activations (SA_4_1 = layer3.0 and below)
-    # leaves the map little of the original; the fully randomised model's map is unrelated to it.
-    assert rho[-1] < 0.5 and rho[-1] < rho[0] - 0.3, rho
-    assert rho[3:].mean() < rho[:2].mean(), rho
+        similarity.append(cascade.ssim)
+    rho, similarity = np.mean(rho, axis=0), np.mean(similarity, axis=0)
+    assert rho.max() < 0.75 and rho.mean() < 0.4, rho  # from 1.0 (the original) at step 0
+    assert similarity.max() < 0.85, similarity
     assert_unchanged_and_hook_free(pointing_model, before)
 
 
