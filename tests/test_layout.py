@@ -20,7 +20,7 @@ LAYERS = [
     {"sanet_viz.preprocessing", "sanet_viz.hooks", "sanet_viz.cam", "sanet_viz.probes", "sanet_viz.correlation",
      "sanet_viz.profiles"},
     {"sanet_viz.lab"},
-    {"sanet_viz.results", "sanet_viz.analysis", "sanet_viz.charts", "sanet_viz.export"},
+    {"sanet_viz.results", "sanet_viz.analysis", "sanet_viz.charts", "sanet_viz.export", "sanet_viz.faithfulness"},
     {"sanet_viz.reproduce"},
 ]
 MAX_MODULE_LINES = 600
