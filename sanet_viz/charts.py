@@ -246,23 +246,23 @@ def faithfulness_curves(curves: Mapping[str, tuple[Curve, Curve]], *, untrained:
 
 def randomization_chart(cascades: Mapping[str, Randomization], *, untrained: Collection[str] = ()) -> Figure:
     """Spearman (solid) and SSIM (dashed) of each model's CAM with its original as blocks are
-    randomised, classifier first; a faithful map's similarity falls."""
-    fig, ax = plt.subplots(figsize=(10, 3.4))
+    randomised, classifier first, from 1 (the original itself); a faithful map's similarity falls."""
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     labels: list[str] = []
     for i, (name, r) in enumerate(cascades.items()):
         colour = FAITHFULNESS_COLOURS[i % len(FAITHFULNESS_COLOURS)]
         tag = " (UNTRAINED)" if name in untrained else ""
-        x = np.arange(len(r.names))
-        ax.plot(x, r.spearman, marker="o", ms=3, color=colour, label=f"{name}{tag}: Spearman")
-        ax.plot(x, r.ssim, marker="s", ms=3, ls="--", color=colour, label=f"{name}{tag}: SSIM")
+        x = np.arange(len(r.names) + 1)
+        ax.plot(x, [1.0, *r.spearman], marker="o", ms=3, color=colour, label=f"{name}{tag}: Spearman")
+        ax.plot(x, [1.0, *r.ssim], marker="s", ms=3, ls="--", color=colour, label=f"{name}{tag}: SSIM")
         labels = [f"{a} / {b}" if a != b else a for a, b in zip(labels, r.names, strict=True)] if labels \
             else list(r.names)
-    ax.set_xticks(range(len(labels)), [f"+{n}" for n in labels], rotation=60, fontsize=7)
+    ax.set_xticks(range(len(labels) + 1), ["original", *(f"+{n}" for n in labels)], rotation=60, fontsize=7)
     ax.axhline(0, color="#cccccc", lw=1)
-    ax.set_ylim(-0.3, 1.02)
+    ax.set_ylim(-1.02, 1.02)
     ax.set_ylabel("similarity with the original CAM")
     ax.set_xlabel("blocks re-initialised so far (cumulative, classifier first)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
     ax.set_title("Randomisation sanity check: a map that does not change when the model is destroyed explains "
                  "nothing" + (f"\n{UNTRAINED_NOTE}" if untrained else ""), fontsize=9,
                  color="#b00020" if untrained else "black")
