@@ -466,6 +466,8 @@ def test_summary_csv_and_figure_carry_the_faithfulness(faith_run: rp.ReproduceRe
     expected = sums["sanet50.faithfulness.deletion_auc"] - sums["resnet50.faithfulness.deletion_auc"]
     assert diff["mean"] == pytest.approx(expected[measured].mean())
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    with pytest.raises(ValueError, match="faithfulness-method"):
+        rp.ReproduceOptions(faithfulness=True, faithfulness_method="nope")
     rows = (tmp_path / "faithfulness.csv").read_text().splitlines()
     assert rows[0] == "measure,model,images,mean,ci95_low,ci95_high" and len(rows) == 1 + 3 * 3
     per_image = (tmp_path / "faithfulness_per_image.csv").read_text().splitlines()

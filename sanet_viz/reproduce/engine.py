@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .. import models
 from ..analysis import AnalysisOptions, explain_model, probe_model
+from ..cam import CAM_METHODS
 from ..hooks import FeatureCapture, SAGateRecorder, resolve_module
 from ..lab import Lab, LoadedModel
 from ..preprocessing import PreparedImage
@@ -64,6 +65,9 @@ class ReproduceOptions:
             raise ValueError("--checkpoint-every must be at least 1")
         if self.faithfulness_steps < 1:
             raise ValueError("--faithfulness-steps must be at least 1")
+        if self.faithfulness_method not in CAM_METHODS:
+            raise ValueError(f"--faithfulness-method: unknown CAM method {self.faithfulness_method!r}; choose from "
+                             f"{', '.join(CAM_METHODS)}")
 
 
 class ReproduceInterrupted(RuntimeError):
