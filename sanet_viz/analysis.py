@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import models
+from . import faithfulness, models
 from .cam import MULTI_PASS_METHODS, BatchedAblationCAM, BatchedScoreCAM, compute_cam
 from .hooks import FeatureCapture, ModelStateGuard, SAGateRecorder
 from .lab import Lab, LoadedModel
@@ -23,7 +23,8 @@ from .progress import ProgressFn
 from .results import AnalysisOptions, AnalysisResult, ModelResult, Prediction
 
 __all__ = ["AnalysisOptions", "AnalysisResult", "ModelResult", "analyze", "explain", "add_probes",
-           "explain_model", "complete_cam", "slow_cam_forwards", "probe_model"]
+           "explain_model", "complete_cam", "slow_cam_forwards", "probe_model", "add_faithfulness",
+           "add_randomization", "faithfulness_verdict"]
 
 
 def _top5(logits: Tensor, lm: LoadedModel) -> list[Prediction]:
@@ -200,10 +201,70 @@ def add_probes(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
     return result
 
 
+def add_faithfulness(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
+                     model_keys: tuple[str, ...] | None = None, randomization: bool | None = None,
+                     progress: ProgressFn | None = None) -> AnalysisResult:
+    """Deletion, insertion and ROAD of each model's CAM as saved (:mod:`sanet_viz.faithfulness`);
+    with ``randomization`` (default: the options' ``faithfulness_randomization``) also the
+    randomisation cascade. Runs after the probe, so ``auto`` precision follows its bf16 check.
+    Models that already have the measures are not measured again."""
+    options = result.options
+    cascade = options.faithfulness_randomization if randomization is None else randomization
+    start = time.perf_counter()
+    for key, mr in result.models.items():
+        if model_keys is not None and key not in model_keys:
+            continue
+        lm = lab.models[key]
+        with lm.lock:
+            if mr.faithfulness is None:
+                t = time.perf_counter()
+                mr.faithfulness = faithfulness.measure(
+                    lm, image.tensor, mr.cam, mr.target_class, steps=options.faithfulness_steps,
+                    precision=options.precision, batch_size=options.probe_batch_size, progress_fn=progress)
+                mr.timings_ms["faithfulness"] = (time.perf_counter() - t) * 1e3
+        if cascade:
+            add_randomization(lab, image, result, model_keys=(key,), progress=progress)
+    result.timings_ms["faithfulness"] = (time.perf_counter() - start) * 1e3
+    return result
+
+
+def add_randomization(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
+                      model_keys: tuple[str, ...] | None = None, progress: ProgressFn | None = None) -> AnalysisResult:
+    """The randomisation cascade of each model's CAM (one CAM per block: the app runs it on
+    demand), into the faithfulness measures (:func:`add_faithfulness` first)."""
+    for key, mr in result.models.items():
+        if model_keys is not None and key not in model_keys:
+            continue
+        if mr.faithfulness is None:
+            raise ValueError(f"{mr.display_name}: measure faithfulness (add_faithfulness) before the randomisation")
+        if mr.faithfulness.randomization is None:
+            lm = lab.models[key]
+            with lm.lock:
+                t = time.perf_counter()
+                mr.faithfulness.randomization = faithfulness.measure_randomization(
+                    lm, image.tensor, mr.cam, mr.target_class, method=mr.cam_method, layer=mr.cam_layer,
+                    progress_fn=progress)
+                mr.timings_ms["randomization"] = (time.perf_counter() - t) * 1e3
+    return result
+
+
+def faithfulness_verdict(result: AnalysisResult) -> str | None:
+    """:func:`faithfulness.verdict` of the measured models (None when none was measured)."""
+    measured = {m.display_name: m.faithfulness for m in result.models.values() if m.faithfulness is not None}
+    if not measured:
+        return None
+    untrained = [m.display_name for m in result.models.values() if m.faithfulness is not None
+                 and not m.weights.pretrained]
+    return faithfulness.verdict(measured, untrained=untrained)
+
+
 def analyze(lab: Lab, image: PreparedImage, options: AnalysisOptions | None = None, *,
             name: str = "image", model_keys: tuple[str, ...] | None = None) -> AnalysisResult:
-    """Everything for one prepared image: :func:`explain`, then :func:`add_probes`."""
+    """Everything for one prepared image: :func:`explain`, :func:`add_probes`, and when asked
+    :func:`add_faithfulness`."""
     result = explain(lab, image, options or AnalysisOptions(), name=name, model_keys=model_keys)
     add_probes(lab, image, result)
+    if result.options.faithfulness:
+        add_faithfulness(lab, image, result)
     result.timings_ms["total"] = sum(result.timings_ms.values())
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import matplotlib
 
@@ -18,10 +18,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .correlation import CONSTANT_STD, ClassCorrelation
+from .faithfulness import Curve, Randomization
 from .results import AnalysisResult, ModelResult
 
 __all__ = ["overlay", "overlay_pair", "probe_chart", "group_grid", "gates_heatmap", "gates_lines",
-           "correlation_matrices", "correlation_vs_depth", "save", "to_image", "CAM_CMAP", "BRANCH_COLOURS"]
+           "correlation_matrices", "correlation_vs_depth", "faithfulness_curves", "randomization_chart",
+           "randomization_strip", "save", "to_image", "CAM_CMAP", "BRANCH_COLOURS"]
 
 CAM_CMAP = "jet"
 BRANCH_COLOURS = {"channel": "#1f77b4", "spatial": "#ff7f0e"}
@@ -256,3 +258,82 @@ def to_image(fig: Figure, *, dpi: int = 100) -> np.ndarray:
 def save(fig: Figure, path: str, *, dpi: int = 110) -> None:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faithfulness (issue 14): curves, the randomisation cascade. Inputs are plain results, so the
+# app, export and reproduce (curves averaged over images) draw the same pictures.
+
+FAITHFULNESS_COLOURS = (RESNET_COLOUR, BRANCH_COLOURS["channel"], "#2ca02c", "#d62728")
+
+
+def faithfulness_curves(curves: Mapping[str, tuple[Curve, Curve]], *, untrained: Collection[str] = (),
+                        title: str = "") -> Figure:
+    """Deletion and insertion curves of every model (name -> (deletion, insertion)), AUCs in the legend.
+
+    x: the share of pixels deleted or inserted, most relevant first; y: softmax[c].
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True, squeeze=False)
+    panels = (("Deletion: lower AUC = more faithful", "share of pixels deleted (set to the mean colour)", "upper"),
+              ("Insertion: higher AUC = more faithful", "share of pixels inserted into the blurred image", "lower"))
+    for col, (ax, (heading, xlabel, corner)) in enumerate(zip(axes[0], panels, strict=True)):
+        for i, (name, pair) in enumerate(curves.items()):
+            curve = pair[col]
+            steps = len(curve.scores) - 1
+            tag = " (UNTRAINED)" if name in untrained else ""
+            ax.plot(np.arange(steps + 1) / steps, curve.scores, marker="o", ms=2.5, lw=1.5,
+                    color=FAITHFULNESS_COLOURS[i % len(FAITHFULNESS_COLOURS)],
+                    label=f"{name}{tag}: AUC {curve.auc:.3f}")
+        ax.set_title(heading, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7, loc=f"{corner} right")
+    axes[0, 0].set_ylabel("softmax of the explained class")
+    note = f"\n{UNTRAINED_NOTE}" if untrained else ""
+    fig.suptitle(f"{title}{note}", fontsize=9, color="#b00020" if untrained else "black")
+    fig.tight_layout()
+    return fig
+
+
+def randomization_chart(cascades: Mapping[str, Randomization], *, untrained: Collection[str] = ()) -> Figure:
+    """Spearman (solid) and SSIM (dashed) of each model's CAM with its original as blocks are
+    randomised, classifier first, from 1 (the original itself); a faithful map's similarity falls."""
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    labels: list[str] = []
+    for i, (name, r) in enumerate(cascades.items()):
+        colour = FAITHFULNESS_COLOURS[i % len(FAITHFULNESS_COLOURS)]
+        tag = " (UNTRAINED)" if name in untrained else ""
+        x = np.arange(len(r.names) + 1)
+        ax.plot(x, [1.0, *r.spearman], marker="o", ms=3, color=colour, label=f"{name}{tag}: Spearman")
+        ax.plot(x, [1.0, *r.ssim], marker="s", ms=3, ls="--", color=colour, label=f"{name}{tag}: SSIM")
+        labels = [f"{a} / {b}" if a != b else a for a, b in zip(labels, r.names, strict=True)] if labels \
+            else list(r.names)
+    ax.set_xticks(range(len(labels) + 1), ["original", *(f"+{n}" for n in labels)], rotation=60, fontsize=7)
+    ax.axhline(0, color="#cccccc", lw=1)
+    ax.set_ylim(-1.02, 1.02)
+    ax.set_ylabel("similarity with the original CAM")
+    ax.set_xlabel("blocks re-initialised so far (cumulative, classifier first)")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.set_title("Randomisation sanity check: a map that does not change when the model is destroyed explains "
+                 "nothing" + (f"\n{UNTRAINED_NOTE}" if untrained else ""), fontsize=9,
+                 color="#b00020" if untrained else "black")
+    fig.tight_layout()
+    return fig
+
+
+def randomization_strip(original: np.ndarray, cascade: Randomization, *, display: np.ndarray | None = None,
+                        opacity: float = 0.5, title: str = "") -> Figure:
+    """The original CAM and the CAM after each cascade step, in a row (over the image if given)."""
+    maps = [original, *cascade.cams]
+    names = ["original", *(f"+{n}" for n in cascade.names)]
+    fig, axes = plt.subplots(1, len(maps), figsize=(1.05 * len(maps), 1.6), squeeze=False)
+    for k, (ax, cam, name) in enumerate(zip(axes[0], maps, names, strict=True)):
+        ax.imshow(overlay(display, cam, opacity=opacity) if display is not None else cam,
+                  cmap=None if display is not None else CAM_CMAP, vmin=0, vmax=1)
+        rho = "" if k == 0 else f"\nr={cascade.spearman[k - 1]:.2f}"
+        ax.set_title(f"{name}{rho}", fontsize=6)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -41,10 +41,28 @@ def write_result(result: AnalysisResult, folder: str | Path, *, opacity: float =
         charts.save(charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates across depth"),
                     str(folder / "gates.png"))
         pictures["gates"] = "gates.png"
+    pictures.update(_faithfulness_pictures(result, folder))
     data = result.to_dict(cam_files)
     data["files"] = pictures
     (folder / RESULT_FILE).write_text(json.dumps(data, indent=2))
     return data
+
+
+def _faithfulness_pictures(result: AnalysisResult, folder: Path) -> dict[str, str]:
+    """faithfulness.png (deletion and insertion curves) and randomization.png (the cascade), when measured."""
+    measured = {m.display_name: m.faithfulness for m in result.models.values() if m.faithfulness is not None}
+    if not measured:
+        return {}
+    untrained = [m.display_name for m in result.models.values() if not m.weights.pretrained]
+    pictures = {"faithfulness": "faithfulness.png"}
+    charts.save(charts.faithfulness_curves({name: (f.deletion, f.insertion) for name, f in measured.items()},
+                                           untrained=untrained, title=f"{result.image_name}: faithfulness of the CAMs"),
+                str(folder / pictures["faithfulness"]))
+    cascades = {name: f.randomization for name, f in measured.items() if f.randomization is not None}
+    if cascades:
+        pictures["randomization"] = "randomization.png"
+        charts.save(charts.randomization_chart(cascades, untrained=untrained), str(folder / pictures["randomization"]))
+    return pictures
 
 
 def zip_folder(folder: str | Path) -> bytes:

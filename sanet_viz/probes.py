@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["group_maps", "probe_masks", "masked_scores", "probe_scores", "GroupProbe", "PrecisionCheck", "autocast_for",
-           "spearman", "PROBE_GROUPS"]
+__all__ = ["group_maps", "probe_masks", "forward_logits", "masked_scores", "probe_scores", "GroupProbe",
+           "PrecisionCheck", "autocast_for", "spearman", "PROBE_GROUPS"]
 
 PROBE_GROUPS = 64
 # The rule for running the probe in bf16 by default (issue 4): every score within this of fp32,
@@ -60,6 +60,24 @@ def autocast_for(device: torch.device, precision: str) -> Iterator[None]:
 
 
 @torch.no_grad()
+def forward_logits(model: nn.Module, batch: Tensor, *, precision: str = "fp32",
+                   channels_last: bool = False) -> Tensor:
+    """fp32 logits of ``model`` on one ``batch`` at ``precision``: the one way every batched
+    no-grad forward of the lab runs (the probe's masked inputs, faithfulness curves, ROAD).
+
+    A model already in bf16 takes bf16 inputs directly; an fp32 model runs under autocast (see
+    :func:`autocast_for`). ``channels_last`` lays the batch out for a model converted to it.
+    """
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    model_dtype = next(model.parameters()).dtype
+    if model_dtype != torch.float32:
+        return model(batch.to(model_dtype)).float()
+    with autocast_for(batch.device, precision):
+        return model(batch).float()
+
+
+@torch.no_grad()
 def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *,
                   batch_size: int = 16, precision: str = "fp32",
                   channels_last: bool = False) -> tuple[Tensor, Tensor]:
@@ -74,20 +92,11 @@ def masked_scores(model: nn.Module, x: Tensor, masks: Tensor, classes: Tensor, *
     scores = torch.empty(n * g, device=x.device)
     preds = torch.empty(n * g, dtype=torch.long, device=x.device)
     flat_classes = classes.to(x.device).repeat_interleave(g)
-    # A model already in bf16 takes bf16 inputs directly; an fp32 model runs under autocast.
-    model_dtype = next(model.parameters()).dtype
-    cast_inputs = model_dtype != torch.float32
     for chunk in flat_index.split(batch_size):
         image_idx, group_idx = chunk // g, chunk % g
         batch = x[image_idx] * masks[image_idx, group_idx].unsqueeze(1).to(x.dtype)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if cast_inputs:
-            logits = model(batch.to(model_dtype))
-        else:
-            with autocast_for(x.device, precision):
-                logits = model(batch)
-        probs = torch.softmax(logits.float(), dim=-1)
+        logits = forward_logits(model, batch, precision=precision, channels_last=channels_last)
+        probs = torch.softmax(logits, dim=-1)
         scores[chunk] = probs.gather(1, flat_classes[chunk, None]).squeeze(1)
         preds[chunk] = probs.argmax(-1)
     return scores.reshape(n, g), preds.reshape(n, g)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
@@ -15,6 +15,9 @@ from . import models
 from .cam import CAM_METHODS, CLASS_AGNOSTIC_METHODS
 from .probes import GroupProbe, PrecisionCheck
 from .weights import IMAGENET_CATEGORIES, WeightsInfo, untrained_warning
+
+if TYPE_CHECKING:
+    from .faithfulness import Faithfulness
 
 __all__ = ["AnalysisOptions", "Prediction", "ModelResult", "AnalysisResult"]
 
@@ -31,6 +34,11 @@ class AnalysisOptions:
     gates: bool = True
     # Classes of the models it runs on (their weights' categories); each model checks again.
     num_classes: int = len(IMAGENET_CATEGORIES)
+    # Deletion, insertion and ROAD of each model's CAM (sanet_viz.faithfulness): 2(S + 1) + 8
+    # forwards per model; the randomisation cascade costs one CAM per block on top.
+    faithfulness: bool = False
+    faithfulness_steps: int = 32
+    faithfulness_randomization: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in CAM_METHODS:
@@ -42,6 +50,8 @@ class AnalysisOptions:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.probe_batch_size < 1:
             raise ValueError("probe batch size must be at least 1")
+        if self.faithfulness_steps < 1:
+            raise ValueError(f"faithfulness steps must be at least 1, got {self.faithfulness_steps}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class ModelResult:
     def class_agnostic(self) -> bool:
         """True when the map ignores the class asked for (EigenCAM)."""
         return self.cam_method in CLASS_AGNOSTIC_METHODS
+    faithfulness: Faithfulness | None = None  # when asked (AnalysisOptions.faithfulness)
 
     def to_dict(self, cam_file: str | None = None) -> dict[str, Any]:
         layer_name = self.cam_layer
@@ -99,6 +110,8 @@ class ModelResult:
             "bf16_check": self.precision_check.to_dict() if self.precision_check else None,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
+        if self.faithfulness is not None:
+            out["faithfulness"] = self.faithfulness.to_dict()
         if self.sa_gates is not None:
             out["sa_gates"] = {name: {"channel": g["channel"].tolist(), "spatial": g["spatial"].tolist()}
                                for name, g in self.sa_gates.items()}

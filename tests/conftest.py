@@ -96,3 +96,56 @@ def torchvision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tv") / "resnet50-0676ba61.pth"
     torch.save(models.resnet50().state_dict(), path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The pointing-game task and its small trained SA-ResNet (test_pointing_game, test_faithfulness):
+# noise pictures with one coloured square; the class is the square's colour.
+
+SIZE = 128
+OBJECT = 32
+COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
+
+
+def make_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise pictures with one coloured square each: (images, labels, boxes as y0, x0)."""
+    # Background clutter of random strength: masking the background away stays in distribution.
+    strength = torch.rand(n, 1, 1, 1, generator=generator) * 0.8
+    images = torch.randn(n, 3, SIZE, SIZE, generator=generator) * strength
+    labels = torch.randint(0, len(COLOURS), (n,), generator=generator)
+    corners = torch.randint(0, SIZE - OBJECT + 1, (n, 2), generator=generator)
+    for i in range(n):
+        y, x = corners[i].tolist()
+        images[i, :, y:y + OBJECT, x:x + OBJECT] = COLOURS[labels[i]].view(3, 1, 1) * 1.5
+    return images, labels, corners
+
+
+@pytest.fixture(scope="session")
+def pointing_model() -> models.SAResNet:
+    """A small SA-ResNet that learns the task for about a minute on the CPU, once per session.
+
+    Read-only for tests (eval mode, frozen): the faithfulness tests check it is left as found.
+    """
+    import time
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = models.SAResNet([1, 1, 1, 1], num_classes=len(COLOURS), sa_groups=4, planes=(8, 16, 32, 64))
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    model.train()
+    start, step, recent = time.monotonic(), 0, []
+    # Stop once it has clearly learnt the task (or after the time budget).
+    while time.monotonic() - start < 90 and (step < 60 or np.mean(recent[-20:]) < 0.99):
+        images, labels, _ = make_batch(32, generator)
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            recent.append(float((model(images).argmax(-1) == labels).float().mean()) if step % 5 == 0
+                          else recent[-1] if recent else 0.0)
+        step += 1
+    return model.eval().requires_grad_(False)

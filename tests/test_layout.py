@@ -21,7 +21,7 @@ LAYERS = [
      "sanet_viz.profiles"},
     {"sanet_viz.lab"},
     {"sanet_viz.results", "sanet_viz.analysis", "sanet_viz.charts", "sanet_viz.export", "sanet_viz.figures",
-     "sanet_viz.notebook"},
+     "sanet_viz.notebook", "sanet_viz.faithfulness"},
     {"sanet_viz.reproduce"},
 ]
 MAX_MODULE_LINES = 600

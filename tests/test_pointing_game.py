@@ -8,56 +8,21 @@ must keep the class better than masking it with those that don't.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import OBJECT, SIZE, make_batch
 
 from sanet_viz.cam import compute_cam
 from sanet_viz.hooks import FeatureCapture
 from sanet_viz.models import SAResNet
 from sanet_viz.probes import group_maps, masked_scores, probe_masks
 
-SIZE = 128
-OBJECT = 32
-COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
-
-
-def make_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise pictures with one coloured square each: (images, labels, boxes as y0, x0)."""
-    # Background clutter of random strength: masking the background away stays in distribution.
-    strength = torch.rand(n, 1, 1, 1, generator=generator) * 0.8
-    images = torch.randn(n, 3, SIZE, SIZE, generator=generator) * strength
-    labels = torch.randint(0, len(COLOURS), (n,), generator=generator)
-    corners = torch.randint(0, SIZE - OBJECT + 1, (n, 2), generator=generator)
-    for i in range(n):
-        y, x = corners[i].tolist()
-        images[i, :, y:y + OBJECT, x:x + OBJECT] = COLOURS[labels[i]].view(3, 1, 1) * 1.5
-    return images, labels, corners
-
 
 @pytest.fixture(scope="module")
-def trained() -> SAResNet:
-    torch.manual_seed(0)
-    model = SAResNet([1, 1, 1, 1], num_classes=len(COLOURS), sa_groups=4, planes=(8, 16, 32, 64))
-    generator = torch.Generator().manual_seed(1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    model.train()
-    start, step, recent = time.monotonic(), 0, []
-    # Stop once it has clearly learnt the task (or after the time budget).
-    while time.monotonic() - start < 90 and (step < 60 or np.mean(recent[-20:]) < 0.99):
-        images, labels, _ = make_batch(32, generator)
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            recent.append(float((model(images).argmax(-1) == labels).float().mean()) if step % 5 == 0
-                          else recent[-1] if recent else 0.0)
-        step += 1
-    return model.eval().requires_grad_(False)
+def trained(pointing_model: SAResNet) -> SAResNet:
+    """The small SA-ResNet trained once per session (conftest.pointing_model)."""
+    return pointing_model
 
 
 @pytest.mark.slow

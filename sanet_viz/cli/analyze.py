@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import COMPILE_HELP, add_model_args, error, load_lab, prepared_images, warn
+from .common import COMPILE_HELP, add_faithfulness_args, add_model_args, error, load_lab, prepared_images, warn
 
 __all__ = ["add_parser", "run"]
 
@@ -30,12 +30,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     a.add_argument("--no-probe", action="store_true", help="skip the 64-group probes")
     a.add_argument("--probe-batch-size", type=int, default=16)
     a.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    add_faithfulness_args(a, randomization=True)
     a.set_defaults(run=run)
     return a
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import AnalysisOptions, analyze
+    from ..analysis import AnalysisOptions, analyze, faithfulness_verdict
     from ..export import write_result
     from ..weights import MODEL_SPECS, untrained_warning
 
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     options = AnalysisOptions(method=args.method, target_class=args.target_class, cam_layer=args.layer,
                               precision=args.precision, probe=not args.no_probe,
                               probe_batch_size=args.probe_batch_size,
+                              faithfulness=args.faithfulness or args.faithfulness_randomization,
+                              faithfulness_steps=args.faithfulness_steps,
+                              faithfulness_randomization=args.faithfulness_randomization,
                               num_classes=min(spec.num_classes for spec in MODEL_SPECS.values()))
     lab = load_lab(args, compile_probe=args.compile)
     failed: list[Path] = []
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             for m in data["models"].values():  # type: ignore[union-attr]
                 top = m["top5"][0]
                 print(f"{path.name}: {m['display_name']}: {top['label']} ({top['prob']:.1%})")
+            if (sentence := faithfulness_verdict(result)) is not None:
+                print(f"{path.name}: faithfulness: {sentence}")
     for lm in lab.models.values():
         if lm.bf16_check is not None:
             print(f"{lm.display_name}: {lm.bf16_check.describe()}", file=sys.stderr)

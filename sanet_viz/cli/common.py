@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..preprocessing import PreparedImage
 
 __all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images",
-           "usage_error"]
+           "usage_error", "add_faithfulness_args"]
 
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
                 "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
@@ -51,6 +51,19 @@ def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> Non
     p.add_argument("--require-pretrained", action="store_true",
                    default=default(env_flag("SANET_VIZ_REQUIRE_PRETRAINED")),
                    help="fail instead of running a model with untrained weights ($SANET_VIZ_REQUIRE_PRETRAINED=1)")
+
+
+def add_faithfulness_args(p: argparse.ArgumentParser, *, randomization: bool) -> None:
+    """--faithfulness, --faithfulness-steps S and (per image only) --faithfulness-randomization."""
+    p.add_argument("--faithfulness", action="store_true",
+                   help="measure each CAM's deletion and insertion curves and ROAD: 2(S+1) + 8 forwards and 8 "
+                        "imputations per image and model (README, 'Faithfulness')")
+    p.add_argument("--faithfulness-steps", type=int, default=32, metavar="S",
+                   help="steps S of the deletion and insertion curves (default 32)")
+    if randomization:
+        p.add_argument("--faithfulness-randomization", action="store_true",
+                       help="also the cascading randomisation sanity check: one CAM per block, on a copy of "
+                            "each model (implies --faithfulness)")
 
 
 def warn(message: str) -> None:

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .common import COMPILE_HELP, add_model_args, error, usage_error, warn
+from .common import COMPILE_HELP, add_faithfulness_args, add_model_args, error, usage_error, warn
 
 __all__ = ["add_parser", "run", "exit_status"]
 
@@ -53,6 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="discard saved partial sums and start over")
     p.add_argument("--figure-classes", help="comma-separated class indices for the correlation-matrix figure")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_faithfulness_args(p, randomization=False)
+    p.add_argument("--faithfulness-method", default="gradcam", help="CAM method measured (default gradcam)")
+    p.add_argument("--faithfulness-layer", help="CAM layer measured (default: the probe layer, layer4.2 = SA_5_3)")
     add_model_args(p)
     p.set_defaults(run=run)
     return p
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
             probe_batch_size=args.probe_batch_size or (256 if gpu else 32),
             precision=args.precision, workers=args.workers if args.workers is not None else (4 if gpu else 1),
             probe=not args.no_probe, checkpoint_every=args.checkpoint_every, fresh=args.fresh,
-            progress=not args.no_progress)
+            progress=not args.no_progress, faithfulness=args.faithfulness, faithfulness_steps=args.faithfulness_steps,
+            faithfulness_method=args.faithfulness_method, faithfulness_layer=args.faithfulness_layer)
         result = run_reproduce(lab, scanned.root, samples, options, state_dir=args.out / "state", log=log)
         if rank == 0:
             data = {**scanned.describe(), "limit": args.limit, "images_selected": len(samples)}
@@ -197,5 +201,30 @@ def _report(result: Any, out: Path) -> None:
         if overall:
             text += f", {overall:.2f} images/s over all sessions"
     lines.append(text)
+    lines += _faithfulness_lines(out)
     lines.append(f"wrote {out}/summary.json and the CSV, figures and profiles beside it")
     print("\n".join(lines), file=sys.stderr)
+
+
+def _faithfulness_lines(out: Path) -> list[str]:
+    """The faithfulness block of the summary.json just written (its bootstrap is not run again)."""
+    import json
+
+    block = json.loads((out / "summary.json").read_text()).get("faithfulness")
+    if block is None or not block["images"]:
+        return []
+
+    def show(stat: dict[str, Any]) -> str:
+        low, high = stat["ci95"]
+        return f"{stat['mean']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+    lines = [f"faithfulness of {block['method']} at {block['layer']} over {block['images']} images "
+             "(mean [95% bootstrap CI]); deletion: lower is better, insertion and ROAD: higher"]
+    lines += [f"  {m['display_name']}: deletion AUC {show(m['deletion_auc'])}, insertion AUC "
+              f"{show(m['insertion_auc'])}, ROAD {show(m['road_combined'])}"
+              + ("" if m["pretrained"] else " [UNTRAINED]") for m in block["models"].values()]
+    if "paired_difference" in block:
+        d = block["paired_difference"]
+        lines.append(f"  SANet50 - ResNet50 per image: deletion AUC {show(d['deletion_auc'])}, insertion AUC "
+                     f"{show(d['insertion_auc'])}, ROAD {show(d['road_combined'])}")
+    return lines

@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader
 
 from .. import models
 from ..analysis import AnalysisOptions, explain_model, probe_model
+from ..cam import CAM_METHODS
 from ..hooks import FeatureCapture, SAGateRecorder, resolve_module
 from ..lab import Lab, LoadedModel
 from ..preprocessing import PreparedImage
 from ..probes import group_maps
 from . import distributed
+from . import faithfulness as faith
 from .classes import DatasetError
 from .data import ImageDataset, Sample, ShardSampler, shard_size
 from .result import ReproduceResult, device_info
@@ -46,6 +48,12 @@ class ReproduceOptions:
     progress: bool = True
     stop_after_batches: int | None = None  # testing hook: save and stop as if interrupted
     max_error_examples: int = 20
+    # Faithfulness of each image's CAM of its predicted class (reproduce/faithfulness.py); the
+    # layer None is each model's probe layer (layer4.2 = SA_5_3).
+    faithfulness: bool = False
+    faithfulness_steps: int = 32
+    faithfulness_method: str = "gradcam"
+    faithfulness_layer: str | None = None
 
     def precision_for(self, key: str) -> str:
         return (self.model_precision or {}).get(key, self.precision)
@@ -55,6 +63,11 @@ class ReproduceOptions:
             raise ValueError("batch sizes must be at least 1")
         if self.checkpoint_every < 1:
             raise ValueError("--checkpoint-every must be at least 1")
+        if self.faithfulness_steps < 1:
+            raise ValueError("--faithfulness-steps must be at least 1")
+        if self.faithfulness_method not in CAM_METHODS:
+            raise ValueError(f"--faithfulness-method: unknown CAM method {self.faithfulness_method!r}; choose from "
+                             f"{', '.join(CAM_METHODS)}")
 
 
 class ReproduceInterrupted(RuntimeError):
@@ -86,6 +99,7 @@ def _zero_sums(lab: Lab, num_classes: int, probe: bool, device: torch.device) ->
 
 @dataclass
 class _ModelBatch:
+    predicted: Tensor  # (B,) the unmasked prediction
     correct: Tensor  # (B,) bool
     unmasked_score: Tensor  # (B,) softmax of the predicted class
     group_correct: Tensor | None  # (B, G) bool
@@ -113,7 +127,7 @@ def evaluate_batch(lm: LoadedModel, x: Tensor, y: Tensor, options: ReproduceOpti
     if lm.has_sa:
         channel = torch.stack([gates.channel[d] for d in lm.sa_modules]).double()
         spatial = torch.stack([gates.spatial[d] for d in lm.sa_modules]).double()
-    return _ModelBatch(predicted == y, unmasked, group_correct, group_score, channel, spatial)
+    return _ModelBatch(predicted, predicted == y, unmasked, group_correct, group_score, channel, spatial)
 
 
 def decide_precisions(lab: Lab, root: str | Path, samples: Sequence[Sample],
@@ -181,6 +195,8 @@ def _plan(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reprod
     meta = {"world": world, "precision": options.precision, "probe": options.probe, "num_classes": k_classes,
             "models": {k: [lm.weights.source, lm.weights.sha256, lm.probe_layer, lm.probe_groups,
                            list(lm.sa_modules)] for k, lm in lab.models.items()}}
+    if options.faithfulness:  # only then: earlier runs' fingerprints stay valid
+        meta["faithfulness"] = [options.faithfulness_steps, options.faithfulness_method, options.faithfulness_layer]
     return _Plan(options, k_classes, fingerprint(samples, meta), rank, world)
 
 
@@ -243,7 +259,7 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
 
     bar = _progress_bar(lab, plan, total, progress.done)
     try:
-        for x, y, _index, ok, messages in loader:
+        for x, y, index, ok, messages in loader:
             bad = [m for m, good in zip(messages, ok.tolist(), strict=True) if not good]
             for msg in bad:
                 if bar is not None:
@@ -258,9 +274,12 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             outs = {key: evaluate_batch(lm, x, y, options) for key, lm in lab.models.items()} if len(y) else {}
+            measured = _faithfulness(lab, x, outs, options) if options.faithfulness and len(y) else {}
             committing = True
             if len(y):
                 _commit(progress.sums, y, outs)
+            if measured:
+                faith.commit(progress.sums, index[ok], measured)
             progress.sums["decode_errors"] += len(bad)
             progress.done += len(ok)
             committing = False
@@ -287,6 +306,14 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
     return session
 
 
+def _faithfulness(lab: Lab, x: Tensor, outs: Mapping[str, _ModelBatch],
+                  options: ReproduceOptions) -> dict[str, list[faith.Faithfulness]]:
+    return {key: faith.evaluate(lm, x, outs[key].predicted, steps=options.faithfulness_steps,
+                                precision=options.precision_for(key), batch_size=options.probe_batch_size,
+                                method=options.faithfulness_method, layer=options.faithfulness_layer)
+            for key, lm in lab.models.items()}
+
+
 def _show_accuracy(bar: object, lab: Lab, sums: Mapping[str, Tensor], advanced: int) -> None:
     bar.update(advanced)  # type: ignore[attr-defined]
     seen = int(sums["images"])
@@ -311,6 +338,8 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     plan = _plan(lab, root, samples, options)
     say = log if (log and plan.rank == 0) else (lambda _m: None)
     progress = Progress(_zero_sums(lab, plan.num_classes, plan.options.probe, device))
+    if options.faithfulness:
+        progress.sums.update(faith.zero_sums(lab, len(samples), options.faithfulness_steps, device))
     path = _restore_checkpoint(plan, progress, Path(state_dir) if state_dir is not None else None, say)
     resumed = int(progress.sums["images"] + progress.sums["decode_errors"])
     total = shard_size(len(samples), plan.rank, plan.world)
@@ -319,7 +348,12 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     started = time.perf_counter()
     session = _loop(lab, _loader(lab, root, samples, plan, progress.done), plan, progress, path, total, say)
     distributed.check_peers()  # a rank whose loop failed is not coming to the reductions
-    return _reduce_and_build(lab, plan, progress, session, resumed, time.perf_counter() - started)
+    result = _reduce_and_build(lab, plan, progress, session, resumed, time.perf_counter() - started)
+    if options.faithfulness:
+        result.faithfulness = faith.settings(lab, steps=options.faithfulness_steps, method=options.faithfulness_method,
+                                             layer=options.faithfulness_layer)
+        result.sample_paths = [s.path for s in samples]
+    return result
 
 
 def _reduce_and_build(lab: Lab, plan: _Plan, progress: Progress, session: int, resumed: int,

@@ -15,6 +15,7 @@ import numpy as np
 from .. import charts, models
 from ..correlation import ClassCorrelation
 from ..profiles import ClassProfiles
+from . import faithfulness as faith
 from .result import ReproduceResult
 
 __all__ = ["write_outputs", "group_accuracy_figure", "profiles_of"]
@@ -43,6 +44,7 @@ def write_outputs(result: ReproduceResult, out: str | Path, *, figure_classes: S
         name = "profiles.npz" if k == "sanet50" or len(sa_keys) == 1 else f"profiles_{k}.npz"
         written[name] = profiles_of(result, k).save(out / name)
     written.update(_write_figures(result, out, correlations, figure_classes))
+    written.update(faith.write_files(result, summary.get("faithfulness"), out))
     summary["files"] = sorted(set(written) | {"summary.json"})
     path = out / "summary.json"
     tmp = path.with_name(".summary.json.tmp")

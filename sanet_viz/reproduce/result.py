@@ -13,6 +13,7 @@ import torch
 
 from ..correlation import ClassCorrelation, correlation_of_means
 from ..weights import untrained_warning
+from . import faithfulness as faith
 
 __all__ = ["ReproduceResult", "device_info"]
 
@@ -32,6 +33,8 @@ class ReproduceResult:
     seconds_total: float  # including earlier sessions whose sums were resumed (slowest rank)
     images_this_session: int  # all ranks
     images_resumed: int  # taken from saved states
+    faithfulness: dict[str, Any] | None = None  # what was measured (faithfulness.settings), when asked
+    sample_paths: list[str] | None = None  # the run's samples, for per-image faithfulness tables
 
     @property
     def images(self) -> int:
@@ -132,6 +135,8 @@ class ReproduceResult:
                     entry["note"] = (f"SA gates are constant at {', '.join(flat)} (untrained SA layers?): the "
                                      "class correlations there measure rounding noise only")
             out["models"][key] = entry
+        if self.faithfulness is not None and faith.MEASURED in self.sums:
+            out["faithfulness"] = faith.summary(self.sums, self.models, self.faithfulness)
         untrained = [m["display_name"] for m in self.models.values() if not m["pretrained"]]
         out["warning"] = untrained_warning(untrained, subject="these numbers") if untrained else None
         return out
