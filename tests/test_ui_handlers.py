@@ -61,7 +61,7 @@ def merged(messages: list[dict[Any, Any]]) -> dict[Any, Any]:
 
 def analyse(h: Any, session: Session, method: str = "gradcam", target: str = "predicted",
             path: Path | None = EXAMPLES / "chelsea.jpg") -> list[dict[Any, Any]]:
-    return last(h.analyse(str(path) if path else None, method, target, LAYER, 0.5, False, session))
+    return last(h.analyse(str(path) if path else None, method, target, LAYER, 0.5, False, False, session))
 
 
 def test_analyse_fills_every_view_and_the_last_message_is_complete(app: Any) -> None:
@@ -184,3 +184,21 @@ def test_download_makes_the_figure_and_every_chart_as_svg(app: Any) -> None:
     assert "<text" in svg and "UNTRAINED" in svg
     with pytest.raises(gr.Error, match="Analyse an image first"):
         app.make_figures("slide", False, 0.5, Session())
+
+
+def test_faithfulness_tab_measures_both_maps_and_says_how_far_to_trust_them(app: Any) -> None:
+    f, d = app.page.faithfulness, app.page.download
+    session = Session()
+    analyse(app, session)
+    final = last(app.measure(0.5, session))[-1]
+    assert "favour no map" in final[f.verdict] and "UNTRAINED" in final[f.verdict]
+    assert isinstance(final[f.curves], np.ndarray) and "deletion AUC" in final[f.road]
+    for key in ("resnet50", "sanet50"):
+        measures = final[d.result_json]["models"][key]["faithfulness"]
+        assert len(measures["deletion"]["scores"]) == 33 and measures["randomization"] is None
+    cascade = last(app.randomize(0.5, session))[-1]
+    assert isinstance(cascade[f.cascade], np.ndarray) and isinstance(cascade[f.strips], np.ndarray)
+    steps = cascade[d.result_json]["models"]["sanet50"]["faithfulness"]["randomization"]["steps"]
+    assert steps[0] == "fc" and steps[-1] == "stem"
+    with pytest.raises(gr.Error, match="Analyse an image first"):
+        last(app.measure(0.5, Session()))

@@ -22,6 +22,7 @@ from .tabs import (
     build_correlation_tab,
     build_depth_tab,
     build_download_tab,
+    build_faithfulness_tab,
     build_groups_tab,
     class_choices,
     layer_choices,
@@ -80,13 +81,15 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
                     depth = build_depth_tab()
                 with gr.Tab("Class correlation", id="correlation"):
                     correlation = build_correlation_tab()
+                with gr.Tab("Faithfulness", id="faithfulness"):
+                    faithfulness = build_faithfulness_tab()
                 with gr.Tab("Download", id="download"):
                     download = build_download_tab()
         if operator:  # at the bottom: visitors need the banner's one sentence, operators this
             with gr.Accordion("For the server's operator: why untrained, and how to add the real weights",
                               open=False, elem_id="operator-notes"):
                 gr.Markdown(operator)
-        page = Page(session, controls, compare, groups, depth, correlation, download)
+        page = Page(session, controls, compare, groups, depth, correlation, faithfulness, download)
         handlers = Handlers(lab, settings, page)
         _wire(demo, handlers, page, settings)
     demo.handlers = handlers  # type: ignore[attr-defined]
@@ -99,7 +102,8 @@ def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> No
     quiet: dict[str, Any] = {"show_progress": "hidden"}
     fast: dict[str, Any] = {"concurrency_id": "fast", "concurrency_limit": settings.concurrency, **quiet}
     slow: dict[str, Any] = {"concurrency_id": "slow", "concurrency_limit": 1, "api_visibility": "private", **quiet}
-    inputs = [c.image, c.method, c.target, c.layer, c.opacity, g.probe_resnet, s]
+    f = page.faithfulness
+    inputs = [c.image, c.method, c.target, c.layer, c.opacity, g.probe_resnet, f.every, s]
 
     demo.load(h.new_session, None, [s], api_visibility="private", queue=False)
     runs = [c.analyse.click(h.analyse, inputs, outputs, api_name="analyze", js=SCROLL_JS, **fast)]
@@ -124,6 +128,8 @@ def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> No
     g.sort.change(h.resort, [g.sort, s], [g.probe], api_visibility="private", **quiet)
     g.probe_resnet.input(h.add_resnet_probe, [g.probe_resnet, c.opacity, s], outputs, api_visibility="private",
                          **fast)
+    f.measure.click(h.measure, [c.opacity, s], outputs, api_visibility="private", **fast)
+    f.randomize.click(h.randomize, [c.opacity, s], outputs, api_visibility="private", **fast)
     d = page.download
     d.make.click(h.make_figures, [d.layout, d.difference, c.opacity, s], [d.figures], api_visibility="private",
                  **fast)

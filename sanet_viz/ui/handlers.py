@@ -25,7 +25,15 @@ import gradio as gr
 import numpy as np
 
 from .. import charts, figures
-from ..analysis import AnalysisOptions, add_probes, complete_cam, explain
+from ..analysis import (
+    AnalysisOptions,
+    add_faithfulness,
+    add_probes,
+    add_randomization,
+    complete_cam,
+    explain,
+    faithfulness_verdict,
+)
 from ..cam import CAM_METHODS, MULTI_PASS_METHODS
 from ..correlation import class_correlation
 from ..export import write_result, zip_folder
@@ -35,7 +43,7 @@ from ..progress import Cancelled
 from ..results import AnalysisResult, ModelResult
 from . import views
 from .session import Session
-from .tabs import PREDICTED, CompareTab, Controls, CorrelationTab, DepthTab, DownloadTab, GroupsTab
+from .tabs import PREDICTED, CompareTab, Controls, CorrelationTab, DepthTab, DownloadTab, FaithfulnessTab, GroupsTab
 
 __all__ = ["AppSettings", "Page", "Handlers"]
 
@@ -66,14 +74,19 @@ class Page:
     groups: GroupsTab
     depth: DepthTab
     correlation: CorrelationTab
+    faithfulness: FaithfulnessTab
     download: DownloadTab
+
+    def faithfulness_outputs(self) -> list[Any]:
+        f = self.faithfulness
+        return [f.verdict, f.curves, f.road, f.cascade, f.strips]
 
     def analysis_outputs(self) -> list[Any]:
         c, g, d = self.compare, self.groups, self.depth
         return [self.session, self.controls.cancel, c.status, *c.images.values(), *c.top5.values(),
                 *c.captions.values(), c.difference, c.difference_caption, g.probe, g.grid, g.group,
                 g.detail_image, g.detail_text, d.heatmap, d.lines, d.nearest, self.download.archive,
-                self.download.result_json, self.download.figures]
+                self.download.result_json, self.download.figures, *self.faithfulness_outputs()]
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -137,7 +150,8 @@ class Handlers:
                                p.groups.probe: "", p.groups.grid: "", p.groups.detail_image: None,
                                p.groups.detail_text: "", p.depth.heatmap: None, p.depth.lines: None,
                                p.depth.nearest: "", p.download.archive: None, p.download.result_json: None,
-                               p.download.figures: None}
+                               p.download.figures: None, p.faithfulness.verdict: "", p.faithfulness.curves: None,
+                               p.faithfulness.road: "", p.faithfulness.cascade: None, p.faithfulness.strips: None}
         for key in self.lab.models:
             out |= {p.compare.images[key]: None, p.compare.top5[key]: "", p.compare.captions[key]: ""}
         return out
@@ -151,7 +165,7 @@ class Handlers:
                                num_classes=min(lm.num_classes for lm in self.lab.models.values()))
 
     def analyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
-                probe_resnet: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
+                probe_resnet: bool, faithfulness: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
         """Heatmaps first, then group maps and gates, then SANet50's probe (and ResNet50's if asked).
 
         A slow method's maps are left pending for :meth:`complete_slow` in a browser; an API call
@@ -159,6 +173,7 @@ class Handlers:
         """
         session = session or Session()
         run = session.start()
+        session.faithfulness = bool(faithfulness)
         image = self._prepare(path, session)
         options = self.options(method, target, layer)
         try:
@@ -172,10 +187,10 @@ class Handlers:
                        self.page.controls.cancel: gr.update(visible=False)}
 
     def reanalyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
-                  probe_resnet: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
+                  probe_resnet: bool, faithfulness: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
         """A control changed: analyse again if there is a picture (and say nothing if there is none)."""
         if session is not None and session.image is not None and path:
-            yield from self.analyse(path, method, target, layer, opacity, probe_resnet, session)
+            yield from self.analyse(path, method, target, layer, opacity, probe_resnet, faithfulness, session)
 
     def _analyse(self, session: Session, run: int, image: Any, options: AnalysisOptions, path: str | None,
                  opacity: float, probe_resnet: bool) -> Iterator[dict[Any, Any]]:
@@ -206,6 +221,8 @@ class Handlers:
                 self.slow_lane.release()
             if self._pending(result):
                 return
+        if session.faithfulness:
+            yield from self._measure(session, check)
         yield self._final(session, opacity)
 
     def _keep_probes(self, result: AnalysisResult, previous: AnalysisResult | None) -> None:
@@ -261,6 +278,8 @@ class Handlers:
         with self.slow_lane:
             yield from self._complete_pending(session, run, result.options, opacity)
             if session.current(run) and not self._pending(result):
+                if session.faithfulness:
+                    yield from self._measure(session, session.checker(run, self.settings.stopping))
                 yield self._final(session, opacity)
 
     def _complete_pending(self, session: Session, run: int, options: AnalysisOptions,
@@ -335,7 +354,7 @@ class Handlers:
 
     def _views(self, session: Session, opacity: float) -> dict[Any, Any]:
         return {**self._compare_views(session, opacity), **self._groups_views(session),
-                **self._depth_views(session)}
+                **self._depth_views(session), **self._faithfulness_views(session)}
 
     def _compare_views(self, session: Session, opacity: float) -> dict[Any, Any]:
         result, c = session.result, self.page.compare
@@ -462,6 +481,73 @@ class Handlers:
         yield from self._probes(session, ("resnet50",), check)
         if not self._pending(session.result):
             yield self._final(session, opacity)
+
+    # ----------------------------------------------------------------------------------------
+    # Faithfulness
+
+    def measure(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """Deletion, insertion and ROAD of both maps as shown (about 2 x 74 forwards)."""
+        session = self._ready(session)
+        try:
+            yield from self._measure(session, session.checker(session.run, self.settings.stopping))
+        except Cancelled as exc:
+            raise gr.Error(f"Stopped: {exc}.", print_exception=False) from None
+        yield self._final(session, opacity)
+
+    def randomize(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """The randomisation check of both maps (one CAM per block), after the measures."""
+        session = self._ready(session)
+        check = session.checker(session.run, self.settings.stopping)
+        result, image = session.result, session.image
+        assert result is not None and image is not None
+        try:
+            yield from self._measure(session, check)
+            for key in result.models:
+                yield {self.page.faithfulness.verdict: views.status_html(
+                    f"Randomising {result.models[key].display_name} block by block…", kind="busy")}
+                add_randomization(self.lab, image, result, model_keys=(key,), progress=lambda *_: check())
+                yield self._faithfulness_views(session)
+        except Cancelled as exc:
+            raise gr.Error(f"Stopped: {exc}.", print_exception=False) from None
+        yield self._final(session, opacity)
+
+    def _ready(self, session: Session | None) -> Session:
+        if session is None or session.result is None or session.image is None:
+            raise gr.Error("Analyse an image first.", print_exception=False)
+        if self._pending(session.result):
+            raise gr.Error("Wait for the slow method to finish (or cancel it) first.", print_exception=False)
+        return session
+
+    def _measure(self, session: Session, check: Callable[[], None]) -> Iterator[dict[Any, Any]]:
+        result, image = session.result, session.image
+        assert result is not None and image is not None
+        if all(m.faithfulness is not None for m in result.models.values()):
+            return
+        yield {self.page.faithfulness.verdict: views.status_html(
+            "Measuring deletion, insertion and ROAD for both maps…", kind="busy")}
+        add_faithfulness(self.lab, image, result, randomization=False, progress=lambda *_: check())
+        yield self._faithfulness_views(session)
+
+    def _faithfulness_views(self, session: Session) -> dict[Any, Any]:
+        result, f = session.result, self.page.faithfulness
+        measured = {m.display_name: m for m in result.models.values() if m.faithfulness is not None} if result else {}
+        if not measured:
+            return {f.verdict: "", f.curves: None, f.road: "", f.cascade: None, f.strips: None}
+        untrained = [n for n, m in measured.items() if not m.weights.pretrained]
+        out: dict[Any, Any] = {
+            f.verdict: f'<div class="banner {"banner-untrained" if untrained else "banner-pretrained"}">'
+                       f"{faithfulness_verdict(result)}</div>",  # type: ignore[arg-type]
+            f.curves: charts.to_image(charts.faithfulness_curves(
+                {n: (m.faithfulness.deletion, m.faithfulness.insertion) for n, m in measured.items()},  # type: ignore[union-attr]
+                untrained=untrained)),
+            f.road: views.faithfulness_table(measured)}
+        cascades = {n: m.faithfulness.randomization for n, m in measured.items()  # type: ignore[union-attr]
+                    if m.faithfulness.randomization is not None}  # type: ignore[union-attr]
+        if cascades:
+            out[f.cascade] = charts.to_image(charts.randomization_chart(cascades, untrained=untrained))
+            out[f.strips] = views.stacked([charts.to_image(charts.randomization_strip(
+                measured[n].cam, r, display=result.display, title=n)) for n, r in cascades.items()])  # type: ignore[union-attr,arg-type]
+        return out
 
     # ----------------------------------------------------------------------------------------
     # Class correlation

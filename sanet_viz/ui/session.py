@@ -29,6 +29,7 @@ class Session:
     group: int = 0  # the group (chunk) shown in detail
     sort: str = BY_GROUP
     view: str = CROP
+    faithfulness: bool = False  # measure with every analysis
 
     def start(self) -> int:
         """A new analysis replaces whatever this visitor was running (events of one visitor run

@@ -15,9 +15,10 @@ from .style import CLICK_JS
 from .texts import GLOSSARY, HOW_TO_READ
 from .upload import UploadedImage
 
-__all__ = ["Controls", "CompareTab", "GroupsTab", "DepthTab", "CorrelationTab", "DownloadTab", "PREDICTED",
-           "build_controls", "build_compare_tab", "build_groups_tab", "build_depth_tab", "build_correlation_tab",
-           "build_download_tab", "class_choices", "layer_choices", "how_to_read"]
+__all__ = ["Controls", "CompareTab", "GroupsTab", "DepthTab", "CorrelationTab", "FaithfulnessTab", "DownloadTab",
+           "PREDICTED", "build_controls", "build_compare_tab", "build_groups_tab", "build_depth_tab",
+           "build_correlation_tab", "build_faithfulness_tab", "build_download_tab", "class_choices",
+           "layer_choices", "how_to_read"]
 
 PREDICTED = "predicted"
 
@@ -190,6 +191,37 @@ def build_correlation_tab() -> CorrelationTab:
     with gr.Accordion("The numbers (JSON)", open=False):
         numbers = gr.JSON(label="correlation", elem_id="correlation-json")
     return CorrelationTab(files, labels, button, message, line, matrices, table, numbers)
+
+
+@dataclass
+class FaithfulnessTab:
+    every: gr.Checkbox
+    measure: gr.Button
+    verdict: gr.HTML
+    curves: gr.Image
+    road: gr.Markdown
+    randomize: gr.Button
+    cascade: gr.Image
+    strips: gr.Image
+
+
+def build_faithfulness_tab() -> FaithfulnessTab:
+    how_to_read("faithfulness")
+    with gr.Row():
+        measure = gr.Button("Measure both maps", variant="primary", elem_id="faithfulness-button", scale=2)
+        every = gr.Checkbox(False, label="Measure with every analysis", elem_id="faithfulness-every", scale=1,
+                            info="2 x 74 forwards more per image")
+    verdict = gr.HTML(elem_id="faithfulness-verdict")
+    curves = gr.Image(label="Deletion and insertion curves", show_label=False, interactive=False, format="png",
+                      elem_id="faithfulness-curves")
+    road = gr.Markdown(elem_id="faithfulness-road")
+    randomize = gr.Button("Randomisation check: destroy the models block by block (one CAM per block: about "
+                          "18 per model)", elem_id="randomization-button")
+    cascade = gr.Image(label="Similarity to the original map as blocks are randomised", show_label=False,
+                       interactive=False, format="png", elem_id="randomization-chart")
+    strips = gr.Image(label="The maps as blocks are randomised", show_label=False, interactive=False, format="png",
+                      elem_id="randomization-strips")
+    return FaithfulnessTab(every, measure, verdict, curves, road, randomize, cascade, strips)
 
 
 @dataclass

@@ -69,6 +69,20 @@ HOW_TO_READ: dict[str, str] = {
         "- The paper finds early gates similar across classes and late gates class-specific.\n"
         "- With untrained SANet50 every gate is sigmoid(1) = 0.731: the picture is flat, and that says "
         "nothing about SA."),
+    "faithfulness": (
+        "A heatmap invites belief; these numbers test it, for each model's map as shown (same class).\n"
+        "- **Deletion** (lower area = more faithful): pixels are removed most important first (set to the "
+        "mean colour); if the map points at what the model uses, its score collapses early.\n"
+        "- **Insertion** (higher area = more faithful): pixels are put back, most important first, into a "
+        "blurred copy. It says little when the blurred copy alone is already recognised.\n"
+        "- **ROAD** (higher = more faithful): removed pixels are filled in from their neighbours, which "
+        "avoids the odd colours of deletion; the difference between removing the least and the most "
+        "important pixels.\n"
+        "- **Randomisation check**: the model is destroyed one block at a time, from the classifier down, and "
+        "the map recomputed. A faithful map changes (its similarity falls); **a map that does not change when "
+        "the model is destroyed explains nothing** (it shows the picture, not the model).\n"
+        "- One image is an anecdote: `reproduce --faithfulness` gives confidence intervals over a data set. "
+        "With untrained weights these numbers describe random networks and favour no map."),
     "correlation": (
         "- For each SA module, each class's average gate profile (64 channel + 64 spatial gates) is "
         "compared with every other class's (Pearson r).\n"

@@ -26,7 +26,8 @@ from .session import BY_SCORE, WHOLE
 from .texts import term
 
 __all__ = ["cam_image", "difference_image", "top5_html", "caption_html", "colorbar_html", "probe_chart_html",
-           "group_grid_html", "group_detail", "nearest_view", "status_html", "DIFF_CMAP", "GRID_CELL"]
+           "group_grid_html", "group_detail", "nearest_view", "status_html", "faithfulness_table", "stacked",
+           "DIFF_CMAP", "GRID_CELL"]
 
 DIFF_CMAP = "RdBu_r"
 GRID_CELL, GRID_GAP, GRID_COLS = 72, 2, 8
@@ -332,3 +333,24 @@ def nearest_view(sa_gates: dict[str, dict[str, np.ndarray]], profiles: Any) -> s
 
 def table_rows(rows: Sequence[Sequence[object]]) -> list[list[object]]:
     return [list(r) for r in rows]
+
+
+def faithfulness_table(measured: dict[str, ModelResult]) -> str:
+    """AUCs and ROAD per model as a Markdown table, with which way is better."""
+    rows = ["| model | deletion AUC (lower better) | insertion AUC (higher better) | ROAD (higher better) |",
+            "|---|---|---|---|"]
+    for name, m in measured.items():
+        f = m.faithfulness
+        assert f is not None
+        tag = " (untrained)" if not m.weights.pretrained else ""
+        rows.append(f"| {name}{tag} | {f.deletion.auc:.3f} | {f.insertion.auc:.3f} | {f.road.combined:.3f} |")
+    return "\n".join(rows)
+
+
+def stacked(pictures: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Pictures one above the other (white padding to the widest)."""
+    if not pictures:
+        return None
+    width = max(p.shape[1] for p in pictures)
+    padded = [np.pad(p, ((0, 8), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in pictures]
+    return np.concatenate(padded)[:-8]
