@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -10,7 +11,10 @@ matplotlib.use("Agg")  # before pyplot: servers and CI have no display
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .correlation import ClassCorrelation
 from .results import AnalysisResult, ModelResult
@@ -22,6 +26,14 @@ CAM_CMAP = "jet"
 BRANCH_COLOURS = {"channel": "#1f77b4", "spatial": "#ff7f0e"}
 RESNET_COLOUR = "#7f7f7f"
 UNTRAINED_NOTE = "UNTRAINED weights: not the published model"
+
+
+def _subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot's global figure registry: a plain :class:`Figure` (drawn
+    by Agg when saved) that threads may build concurrently, e.g. the CLI's background writer
+    while the app's handlers draw. Nothing to close: it is freed with its last reference."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def overlay(display: np.ndarray, cam: np.ndarray, *, opacity: float = 0.5) -> np.ndarray:
@@ -40,7 +52,7 @@ def _weights_tag(m: ModelResult) -> str:
 def overlay_pair(result: AnalysisResult, *, opacity: float = 0.5) -> Figure:
     """Both models' overlays side by side, each with its top-5 and the class explained."""
     items = list(result.models.values())
-    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 5.6), squeeze=False)
+    fig, axes = _subplots(1, len(items), figsize=(4.2 * len(items), 5.6), squeeze=False)
     for ax, m in zip(axes[0], items, strict=True):
         ax.imshow(overlay(result.display, m.cam, opacity=opacity))
         ax.set_axis_off()
@@ -50,7 +62,7 @@ def overlay_pair(result: AnalysisResult, *, opacity: float = 0.5) -> Figure:
                      color="black" if m.weights.pretrained else "#b00020")
         text = "\n".join(f"{p.prob:6.1%}  {p.label[:28]}" for p in m.top5)
         ax.text(0.0, -0.03, text, transform=ax.transAxes, va="top", family="monospace", fontsize=8)
-    sm = plt.cm.ScalarMappable(cmap=CAM_CMAP, norm=plt.Normalize(0, 1))
+    sm = ScalarMappable(cmap=CAM_CMAP, norm=Normalize(0, 1))
     fig.colorbar(sm, ax=axes[0].tolist(), fraction=0.025, pad=0.02, label="CAM (0-1)")
     return fig
 
@@ -64,7 +76,7 @@ def _label(m: ModelResult, index: int) -> str:
 def probe_chart(result: AnalysisResult) -> Figure:
     """Per-group probe scores: SANet50 bars coloured by SA branch, ResNet50 beside them."""
     probed = [m for m in result.models.values() if m.probe is not None]
-    fig, axes = plt.subplots(len(probed) or 1, 1, figsize=(11, 2.6 * max(1, len(probed))),
+    fig, axes = _subplots(len(probed) or 1, 1, figsize=(11, 2.6 * max(1, len(probed))),
                              squeeze=False, sharex=True)
     for ax, m in zip(axes[:, 0], probed, strict=False):
         probe = m.probe
@@ -84,7 +96,7 @@ def probe_chart(result: AnalysisResult) -> Figure:
         ax.set_title(f"{m.display_name}: group probe at {probe.paper_name} ({probe.layer}), class "
                      f"{probe.target_class} {_label(m, probe.target_class)}{_weights_tag(m)}; masked forwards "
                      f"in {m.precision}", fontsize=9)
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()] \
+        handles = [Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()] \
             if m.sa_gates is not None else []
         labels = ["channel-branch chunk (even)", "spatial-branch chunk (odd)"] if handles else []
         line = ax.get_legend_handles_labels()
@@ -110,7 +122,7 @@ def group_grid(maps: np.ndarray, *, title: str = "", cols: int = 8) -> Figure:
             (m - m.min()) / span if span > 0 else np.zeros_like(m)
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("white")
-    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.1 + 0.4))
+    fig, ax = _subplots(figsize=(cols * 1.1, rows * 1.1 + 0.4))
     ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     for k in range(g):
         r, c = divmod(k, cols)
@@ -125,7 +137,7 @@ def group_grid(maps: np.ndarray, *, title: str = "", cols: int = 8) -> Figure:
 def gates_heatmap(sa_gates: Mapping[str, Mapping[str, np.ndarray]], *, title: str = "") -> Figure:
     """Depth x group heatmaps of the mean channel and spatial gates of the 16 SA modules."""
     depths = list(sa_gates)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.6), squeeze=False)
+    fig, axes = _subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.6), squeeze=False)
     for ax, branch in zip(axes[0], ("channel", "spatial"), strict=True):
         grid = np.stack([np.asarray(sa_gates[d][branch]) for d in depths])
         im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
@@ -141,7 +153,7 @@ def gates_heatmap(sa_gates: Mapping[str, Mapping[str, np.ndarray]], *, title: st
 def gates_lines(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     """Per-stage lines: mean (over groups) channel and spatial gate at each SA module."""
     depths = list(sa_gates)
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = _subplots(figsize=(8, 3))
     for branch, colour in BRANCH_COLOURS.items():
         values = [float(np.mean(sa_gates[d][branch])) for d in depths]
         ax.plot(range(len(depths)), values, marker="o", color=colour, label=f"{branch} gate")
@@ -162,7 +174,7 @@ def correlation_matrices(corr: ClassCorrelation, depths: Sequence[str] | None = 
     """Class x class correlation matrices at chosen depths (default: first, middle and last)."""
     chosen = list(depths) if depths else [corr.depths[0], corr.depths[len(corr.depths) // 2], corr.depths[-1]]
     names = list(class_names) if class_names else [str(c) for c in corr.classes]
-    fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.8), squeeze=False)
+    fig, axes = _subplots(1, len(chosen), figsize=(3.8 * len(chosen), 3.8), squeeze=False)
     for ax, depth in zip(axes[0], chosen, strict=True):
         im = ax.imshow(corr.matrices[depth], cmap="coolwarm", vmin=-1, vmax=1)
         ax.set_title(f"{depth}: mean between-class r = {corr.mean_between[depth]:.2f}", fontsize=8)
@@ -175,7 +187,7 @@ def correlation_matrices(corr: ClassCorrelation, depths: Sequence[str] | None = 
 
 def correlation_vs_depth(corr: ClassCorrelation, *, label: str = "") -> Figure:
     """Mean between-class correlation against SA depth."""
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = _subplots(figsize=(8, 3))
     values = [corr.mean_between[d] for d in corr.depths]
     ax.plot(range(len(values)), values, marker="o", color=BRANCH_COLOURS["channel"], label=label or None)
     ax.set_xticks(range(len(values)), corr.depths, rotation=60, fontsize=7)
@@ -196,11 +208,18 @@ def to_image(fig: Figure, *, dpi: int = 100) -> np.ndarray:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    _close(fig)
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def save(fig: Figure, path: str, *, dpi: int = 110) -> None:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    _close(fig)
+
+
+def _close(fig: Figure) -> None:
+    """Release a pyplot figure (callers may pass one); ours are not in pyplot's registry, and
+    leaving that registry alone keeps them safe to draw from several threads."""
+    if fig.canvas.manager is not None:
+        plt.close(fig)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..analysis import AnalysisOptions, analyze
-    from ..export import write_result
+    from ..export import BackgroundWriter
     from ..lab import Lab
     from ..preprocessing import ImageDecodeError
     from ..weights import MODEL_SPECS, untrained_warning
@@ -57,20 +57,22 @@ def run(args: argparse.Namespace) -> int:
     failures = 0
     used: set[str] = set()
     bar = tqdm(args.images, unit="image", disable=len(args.images) < 2, file=sys.stderr)
-    for path in bar:
-        bar.set_postfix_str(path.name[:30])
-        try:
-            image = lab.prepare(path, name=str(path))
-        except ImageDecodeError as exc:
-            tqdm.write(f"error: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        result = analyze(lab, image, options, name=path.name)
-        data = write_result(result, args.out / _unique_stem(path, used))
-        if len(args.images) < 2:
-            for m in data["models"].values():  # type: ignore[union-attr]
-                top = m["top5"][0]
-                print(f"{path.name}: {m['display_name']}: {top['label']} ({top['prob']:.1%})")
+    # Pictures and files of one image are written while the next image's forwards run.
+    with BackgroundWriter() as writer:
+        for path in bar:
+            bar.set_postfix_str(path.name[:30])
+            try:
+                image = lab.prepare(path, name=str(path))
+            except ImageDecodeError as exc:
+                tqdm.write(f"error: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            result = analyze(lab, image, options, name=path.name)
+            writer.submit(result, args.out / _unique_stem(path, used))
+            if len(args.images) < 2:
+                for m in result.models.values():
+                    top = m.top5[0]
+                    print(f"{path.name}: {m.display_name}: {top.label} ({top.prob:.1%})")
     for lm in lab.models.values():
         if lm.bf16_check is not None:
             print(f"{lm.display_name}: {lm.bf16_check.describe()}", file=sys.stderr)
