@@ -98,7 +98,10 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     precision = lm.probe_precision(options.precision)
     if precision == "check":
         scores, preds = run("fp32")
-        lm.bf16_check = PrecisionCheck.compare(scores[0], run("bf16")[0][0], name)
+        fp32_done = time.perf_counter()
+        bf16 = run("bf16")[0][0]
+        lm.bf16_check = PrecisionCheck.compare(scores[0], bf16, name, seconds=(
+            fp32_done - t, time.perf_counter() - fp32_done))
         precision = "fp32"
     else:
         scores, preds = run(precision)

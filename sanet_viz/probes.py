@@ -153,10 +153,14 @@ class PrecisionCheck:
     image: str
     max_abs_diff: float
     spearman: float
+    # What the check cost: the fp32 and the bf16 probe it ran, in seconds (None: not measured).
+    seconds: tuple[float, float] | None = None
 
     @classmethod
-    def compare(cls, fp32: Tensor, bf16: Tensor, image: str) -> PrecisionCheck:
-        return cls(image, float((fp32.double() - bf16.double()).abs().max()), spearman(fp32.flatten(), bf16.flatten()))
+    def compare(cls, fp32: Tensor, bf16: Tensor, image: str, *,
+                seconds: tuple[float, float] | None = None) -> PrecisionCheck:
+        return cls(image, float((fp32.double() - bf16.double()).abs().max()), spearman(fp32.flatten(), bf16.flatten()),
+                   seconds)
 
     @property
     def passed(self) -> bool:
@@ -165,12 +169,17 @@ class PrecisionCheck:
 
     def describe(self) -> str:
         """One line for logs: what was compared, what came out, and what the probes will use."""
+        cost = "" if self.seconds is None else \
+            f" (the check cost {sum(self.seconds):.1f} s: fp32 probe {self.seconds[0]:.1f} s + bf16 probe " \
+            f"{self.seconds[1]:.1f} s)"
         return (f"bf16 checked against fp32 on {self.image}: max |diff| {self.max_abs_diff:.4f}, Spearman "
-                f"{self.spearman:.3f}: probes run in {'bf16' if self.passed else 'fp32'}")
+                f"{self.spearman:.3f}: probes run in {'bf16' if self.passed else 'fp32'}{cost}")
 
     def to_dict(self) -> dict[str, object]:
         return {"image": self.image, "max_abs_diff": round(self.max_abs_diff, 6),
                 "spearman": None if self.spearman != self.spearman else round(self.spearman, 4),
                 "passed": self.passed, "rule": f"max |bf16 - fp32| <= {BF16_MAX_ABS_DIFF}, "
-                                               f"Spearman >= {BF16_MIN_SPEARMAN}"}
+                                               f"Spearman >= {BF16_MIN_SPEARMAN}",
+                "seconds": None if self.seconds is None else {"fp32": round(self.seconds[0], 3),
+                                                              "bf16": round(self.seconds[1], 3)}}
 
