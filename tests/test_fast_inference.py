@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sanet_viz import models
 from sanet_viz.analysis import AnalysisOptions, analyze
-from sanet_viz.lab import Lab, LoadedModel
+from sanet_viz.lab import Lab, LoadedModel, bf16_supported
 from sanet_viz.preprocessing import PreparedImage
 from sanet_viz.weights import WeightsInfo
 
@@ -246,3 +246,25 @@ def test_fp32_probe_equals_official_loop_full_sanet50_calibrated() -> None:
     assert probe is not None and probe.target_class == c
     assert probe.unmasked_score < 0.9 and float(want.std()) > 1e-3
     torch.testing.assert_close(probe.scores, want, atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# What auto's check costs is said
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_auto_check_records_its_cost() -> None:
+    from test_probes import prepared, tiny_lab
+
+    lab = tiny_lab()
+    result = analyze(lab, prepared(41), AnalysisOptions(precision="auto"), name="first.jpg")
+    for key, lm in lab.models.items():
+        check = lm.bf16_check
+        assert check is not None and check.seconds is not None
+        fp32_s, bf16_s = check.seconds
+        assert fp32_s > 0 and bf16_s > 0
+        # Both probes ran inside this model's probe stage.
+        assert fp32_s + bf16_s <= result.models[key].timings_ms["probe"] / 1e3 + 1e-6
+        assert f"the check cost {fp32_s + bf16_s:.1f} s" in check.describe()
+        assert result.models[key].to_dict()["bf16_check"]["seconds"] == {"fp32": round(fp32_s, 3),
+                                                                         "bf16": round(bf16_s, 3)}
