@@ -20,6 +20,7 @@ __all__ = [
     "ShuffleAttention",
     "FoldedShuffleAttention",
     "InferenceSABottleneck",
+    "MixedPrecisionResNet",
     "SABottleneck",
     "SAResNet",
     "sa_resnet50",
@@ -432,3 +433,27 @@ def fold_channel_shuffle(model: SAResNet) -> SAResNet:
             tensor.copy_(tensor[order])
         block.sa = FoldedShuffleAttention(sa).to(block.conv3.weight.device)
     return folded
+
+
+class MixedPrecisionResNet(nn.Module):
+    """A ResNet-style model (torchvision's attribute names) run with its stem, layer1 and layer2
+    from an fp32 model and layer3, layer4 from a bf16 copy of it; pooling and classifier in fp32.
+
+    Why these stages: on calibrated weights (benchmarks/bench_mixed_precision.py) bf16 in the stem,
+    layer1 or layer2 moved ResNet50's probe scores by 0.02-0.03 and broke its group ranking; in
+    layer3 and layer4 by at most 0.006. The modules are shared with the two models, not copied: no
+    weights are added. For no-grad inference; its module tree is not the original's.
+    """
+
+    def __init__(self, fp32: nn.Module, bf16: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = fp32.conv1, fp32.bn1, fp32.relu, fp32.maxpool
+        self.layer1, self.layer2 = fp32.layer1, fp32.layer2
+        self.layer3, self.layer4 = bf16.layer3, bf16.layer4
+        self.avgpool, self.fc = fp32.avgpool, fp32.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x)).to(torch.bfloat16)
+        x = self.layer4(self.layer3(x)).float()
+        return self.fc(torch.flatten(self.avgpool(x), 1))

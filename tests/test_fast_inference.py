@@ -4,6 +4,7 @@ against the official one-forward-per-group loop, on weights with realistic score
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sanet_viz import models
 from sanet_viz.analysis import AnalysisOptions, analyze
 from sanet_viz.lab import Lab, LoadedModel, bf16_supported
 from sanet_viz.preprocessing import PreparedImage
+from sanet_viz.probes import PrecisionCheck
 from sanet_viz.weights import WeightsInfo
 
 
@@ -261,10 +263,95 @@ def test_auto_check_records_its_cost() -> None:
     for key, lm in lab.models.items():
         check = lm.bf16_check
         assert check is not None and check.seconds is not None
-        fp32_s, bf16_s = check.seconds
-        assert fp32_s > 0 and bf16_s > 0
-        # Both probes ran inside this model's probe stage.
-        assert fp32_s + bf16_s <= result.models[key].timings_ms["probe"] / 1e3 + 1e-6
-        assert f"the check cost {fp32_s + bf16_s:.1f} s" in check.describe()
-        assert result.models[key].to_dict()["bf16_check"]["seconds"] == {"fp32": round(fp32_s, 3),
-                                                                         "bf16": round(bf16_s, 3)}
+        # fp32 and bf16 always; mixed exactly when bf16 failed the rule.
+        assert set(check.seconds) == ({"fp32", "bf16"} if check.passed else {"fp32", "bf16", "mixed"})
+        assert all(s > 0 for s in check.seconds.values())
+        total = sum(check.seconds.values())
+        assert total <= result.models[key].timings_ms["probe"] / 1e3 + 1e-6  # all inside the probe stage
+        assert f"the check cost {total:.1f} s" in check.describe()
+        assert result.models[key].to_dict()["bf16_check"]["seconds"] == {
+            k: round(v, 3) for k, v in check.seconds.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Mixed precision: bf16 in layer3 and layer4 only
+
+
+def test_mixed_model_shares_modules_and_casts_between_stages() -> None:
+    model = tiny_sa_resnet(seed=11)
+    fp32 = models.inference_copy(model)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    mixed = models.MixedPrecisionResNet(fp32, bf16)
+    shared = {id(p) for p in fp32.parameters()} | {id(p) for p in bf16.parameters()}
+    assert {id(p) for p in mixed.parameters()} <= shared  # no weights added
+    for name, p in mixed.named_parameters():
+        want = torch.bfloat16 if name.startswith(("layer3", "layer4")) else torch.float32
+        assert p.dtype == want, name
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        early = fp32.layer2(fp32.layer1(fp32.maxpool(fp32.relu(fp32.bn1(fp32.conv1(x))))))
+        late = bf16.layer4(bf16.layer3(early.to(torch.bfloat16))).float()
+        want = fp32.fc(torch.flatten(fp32.avgpool(late), 1))
+        got = mixed(x)
+        exact = model(x)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    torch.testing.assert_close(got, exact, atol=0.05 * float(exact.abs().max()), rtol=0)
+
+
+def test_verdict_of_a_check() -> None:
+    good, bad = PrecisionCheck("x.jpg", 0.001, 0.99), PrecisionCheck("x.jpg", 0.05, 0.8)
+    assert good.verdict == "bf16" and bad.verdict == "fp32"
+    assert replace(bad, mixed=good).verdict == "mixed" and replace(bad, mixed=bad).verdict == "fp32"
+    assert replace(good, mixed=bad).verdict == "bf16"
+    described = replace(bad, mixed=good, seconds={"fp32": 1.0, "bf16": 0.5, "mixed": 0.75}).describe()
+    assert "mixed (bf16 in layer3-layer4): max |diff| 0.0010" in described
+    assert described.endswith("probes run in mixed (the check cost 2.2 s: fp32 probe 1.0 s + bf16 probe 0.5 s "
+                              "+ mixed probe 0.8 s)")
+    data = replace(bad, mixed=good).to_dict()
+    assert data["passed"] is False and data["verdict"] == "mixed" and data["mixed"]["passed"] is True
+
+
+def test_auto_follows_a_mixed_verdict_and_mixed_stays_close_to_fp32(calibrated_lab: Lab) -> None:
+    import numpy as np
+
+    image_tensor = calibrated_module().example_batch(SIZE, per_image=1, seed=6)[2:3]
+    image = PreparedImage(image_tensor, np.zeros((SIZE, SIZE, 3), np.uint8), (SIZE, SIZE))
+    fp32 = analyze(calibrated_lab, image, AnalysisOptions(precision="fp32"))
+    mixed = analyze(calibrated_lab, image, AnalysisOptions(precision="mixed"))
+    for key, lm in calibrated_lab.models.items():
+        assert mixed.models[key].precision == "mixed"
+        a, b = fp32.models[key].probe.scores, mixed.models[key].probe.scores
+        assert float((a - b).abs().max()) < 0.05 and not torch.equal(a, b)  # bf16 did run
+        assert all(p.dtype == torch.float32 for p in lm.fast_model.parameters())  # the fp32 copy is untouched
+        before = lm.bf16_check
+        try:
+            lm.bf16_check = PrecisionCheck("x", 0.5, 0.2, mixed=PrecisionCheck("x", 0.001, 0.99))
+            if lm.probe_precision("auto") != "fp32":  # a CPU without native bf16 keeps fp32
+                assert lm.probe_precision("auto") == "mixed"
+                auto = analyze(calibrated_lab, image, AnalysisOptions(precision="auto"), model_keys=(key,))
+                assert auto.models[key].precision == "mixed"
+                torch.testing.assert_close(auto.models[key].probe.scores, b)
+        finally:
+            lm.bf16_check = before
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_auto_tries_mixed_exactly_when_bf16_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_probes import prepared, tiny_lab
+
+    from sanet_viz import probes
+
+    monkeypatch.setattr(probes, "BF16_MAX_ABS_DIFF", -1.0)  # nothing passes: bf16 fails, then mixed too
+    lab = tiny_lab()
+    result = analyze(lab, prepared(42), AnalysisOptions(precision="auto"), name="first.jpg")
+    for key, lm in lab.models.items():
+        check = lm.bf16_check
+        assert check is not None and check.mixed is not None and not check.mixed.passed
+        assert check.verdict == "fp32" and result.models[key].precision == "fp32"
+        assert set(check.seconds) == {"fp32", "bf16", "mixed"}
+        assert lm.probe_precision("auto") == "fp32"
+    monkeypatch.setattr(probes, "BF16_MAX_ABS_DIFF", 1.0)  # everything passes: mixed is not tried
+    lab = tiny_lab()
+    analyze(lab, prepared(42), AnalysisOptions(precision="auto"), name="first.jpg")
+    assert all(lm.bf16_check.mixed is None and lm.bf16_check.verdict == "bf16" for lm in lab.models.values())

@@ -24,9 +24,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    "(default: each model's top-1)")
     a.add_argument("--layer", help="CAM target layer: module name (layer3.5) or paper name (SA_4_6); "
                    "default layer4.2 = SA_5_3")
-    a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    a.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
                    help="probe precision; auto: bf16 where the hardware runs it natively, once a check on the "
-                        "first image shows bf16 within 0.02 of fp32 with the group ranking kept (CAM is fp32)")
+                        "first image shows bf16 within 0.02 of fp32 with the group ranking kept, else mixed "
+                        "(bf16 in layer3-layer4 only) if that passes the same check, else fp32 (CAM is fp32)")
     a.add_argument("--no-probe", action="store_true", help="skip the 64-group probes")
     a.add_argument("--probe-batch-size", type=int, default=16)
     a.add_argument("--compile", action="store_true", help=COMPILE_HELP)
