@@ -8,6 +8,7 @@ the 64 masked forwards of the group probe run batched, optionally in bf16.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -136,8 +137,9 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
                 options: AnalysisOptions, *, name: str = "image") -> GroupProbe:
     """The per-group probe from an explained result's group maps (hold ``lm.lock``).
 
-    Under ``auto`` precision the model's first probe runs in fp32 and in bf16 and records the
-    comparison (:attr:`LoadedModel.bf16_check`); this image gets the fp32 scores.
+    Under ``auto`` precision the model's first probe runs in fp32 and in bf16, and in mixed
+    precision where bf16 fails the rule, and records the comparison (:attr:`LoadedModel.bf16_check`);
+    this image gets the fp32 scores.
     """
     t = time.perf_counter()
     x = image.tensor.to(lm.device)
@@ -154,7 +156,7 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     precision = lm.probe_precision(options.precision)
     if precision == "check":
         scores, preds = run("fp32")
-        lm.bf16_check = PrecisionCheck.compare(scores[0], run("bf16")[0][0], name)
+        lm.bf16_check = _check_precisions(scores[0], run, name, fp32_seconds=time.perf_counter() - t)
         precision = "fp32"
     else:
         scores, preds = run(precision)
@@ -163,6 +165,22 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     result.timings_ms["probe"] = (time.perf_counter() - t) * 1e3
     return GroupProbe(lm.probe_layer, models.paper_name_or_none(lm.probe_layer) or lm.probe_layer, lm.probe_groups,
                       predicted, scores[0].cpu(), preds[0].cpu(), unmasked)
+
+
+def _check_precisions(fp32: Tensor, run: Callable[[str], tuple[Tensor, Tensor]], name: str, *,
+                      fp32_seconds: float) -> PrecisionCheck:
+    """bf16 against the fp32 scores, and mixed precision where bf16 fails the rule."""
+    seconds = {"fp32": fp32_seconds}
+    t = time.perf_counter()
+    bf16 = run("bf16")[0][0]
+    seconds["bf16"] = time.perf_counter() - t
+    check = PrecisionCheck.compare(fp32, bf16, name, seconds=seconds)
+    if check.passed:
+        return check
+    t = time.perf_counter()
+    mixed = PrecisionCheck.compare(fp32, run("mixed")[0][0], name)
+    seconds["mixed"] = time.perf_counter() - t
+    return PrecisionCheck.compare(fp32, bf16, name, seconds=seconds, mixed=mixed)
 
 
 def _wants_probe(options: AnalysisOptions, key: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import textwrap
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +16,10 @@ if "inline" not in os.environ.get("MPLBACKEND", ""):
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from .correlation import CONSTANT_STD, ClassCorrelation
 from .faithfulness import Curve, Randomization
@@ -29,6 +33,14 @@ CAM_CMAP = "jet"
 BRANCH_COLOURS = {"channel": "#1f77b4", "spatial": "#ff7f0e"}
 RESNET_COLOUR = "#7f7f7f"
 UNTRAINED_NOTE = "UNTRAINED weights: not the published model"
+
+
+def _subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot's global figure registry: a plain :class:`Figure` (drawn
+    by Agg when saved) that threads may build concurrently, e.g. the CLI's background writer
+    while the app's handlers draw. Nothing to close: it is freed with its last reference."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def overlay(display: np.ndarray, cam: np.ndarray, *, opacity: float = 0.5) -> np.ndarray:
@@ -47,7 +59,7 @@ def _weights_tag(m: ModelResult) -> str:
 def overlay_pair(result: AnalysisResult, *, opacity: float = 0.5) -> Figure:
     """Both models' overlays side by side, each with its top-5 and the class explained."""
     items = list(result.models.values())
-    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 5.6), squeeze=False)
+    fig, axes = _subplots(1, len(items), figsize=(4.2 * len(items), 5.6), squeeze=False)
     for ax, m in zip(axes[0], items, strict=True):
         ax.imshow(overlay(result.display, m.cam, opacity=opacity))
         ax.set_axis_off()
@@ -57,7 +69,7 @@ def overlay_pair(result: AnalysisResult, *, opacity: float = 0.5) -> Figure:
                      color="black" if m.weights.pretrained else "#b00020")
         text = "\n".join(f"{p.prob:6.1%}  {p.label[:28]}" for p in m.top5)
         ax.text(0.0, -0.03, text, transform=ax.transAxes, va="top", family="monospace", fontsize=8)
-    sm = plt.cm.ScalarMappable(cmap=CAM_CMAP, norm=plt.Normalize(0, 1))
+    sm = ScalarMappable(cmap=CAM_CMAP, norm=Normalize(0, 1))
     fig.colorbar(sm, ax=axes[0].tolist(), fraction=0.025, pad=0.02, label="CAM (0-1)")
     return fig
 
@@ -77,7 +89,7 @@ def probe_chart(result: AnalysisResult) -> Figure:
     """Per-group probe scores, one panel per probed model, each scaled to its own data with the
     unmasked score as a dashed reference line. SANet50's bars are coloured by SA branch."""
     probed = [m for m in result.models.values() if m.probe is not None]
-    fig, axes = plt.subplots(len(probed) or 1, 1, figsize=(11, 2.9 * max(1, len(probed)) + 0.4),
+    fig, axes = _subplots(len(probed) or 1, 1, figsize=(11, 2.9 * max(1, len(probed)) + 0.4),
                              squeeze=False, sharex=True)
     for ax, m in zip(axes[:, 0], probed, strict=False):
         probe = m.probe
@@ -99,7 +111,7 @@ def probe_chart(result: AnalysisResult) -> Figure:
                      f"forwards in {m.precision}{_weights_tag(m)}", fontsize=9, loc="left",
                      color="black" if m.weights.pretrained else "#b00020")
         if m.sa_gates is not None:
-            handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()]
+            handles = [Rectangle((0, 0), 1, 1, color=c) for c in BRANCH_COLOURS.values()]
             # Legend below the plot area: it never covers bars or the title.
             ax.legend(handles, ["even k: channel-branch halves", "odd k: spatial-branch halves"], fontsize=7,
                       loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
@@ -124,7 +136,7 @@ def group_grid(maps: np.ndarray, *, title: str = "", cols: int = 8) -> Figure:
         mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = \
             (m - m.min()) / span if span > 0 else np.zeros_like(m)
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
-    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.1 + 0.4))
+    fig, ax = _subplots(figsize=(cols * 1.1, rows * 1.1 + 0.4))
     ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     for k in range(g):
         r, c = divmod(k, cols)
@@ -151,7 +163,7 @@ def flat_gate_value(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> float |
 def gates_heatmap(sa_gates: Mapping[str, Mapping[str, np.ndarray]], *, title: str = "") -> Figure:
     """Depth x group heatmaps of the mean channel and spatial gates of the 16 SA modules."""
     depths = list(sa_gates)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.9), squeeze=False)
+    fig, axes = _subplots(1, 2, figsize=(12, 0.3 * len(depths) + 1.9), squeeze=False)
     for ax, branch in zip(axes[0], ("channel", "spatial"), strict=True):
         grid = np.stack([np.asarray(sa_gates[d][branch]) for d in depths])
         im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
@@ -171,7 +183,7 @@ def gates_heatmap(sa_gates: Mapping[str, Mapping[str, np.ndarray]], *, title: st
 def gates_lines(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     """Per-stage lines: mean (over groups) channel and spatial gate at each SA module."""
     depths = list(sa_gates)
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = _subplots(figsize=(8, 3.2))
     for branch, colour in BRANCH_COLOURS.items():
         values = [float(np.mean(sa_gates[d][branch])) for d in depths]
         ax.plot(range(len(depths)), values, marker="o", color=colour, label=f"{branch} gate")
@@ -204,7 +216,7 @@ def correlation_matrices(corr: ClassCorrelation, depths: Sequence[str] | None = 
     chosen = list(depths) if depths else [corr.depths[0], corr.depths[len(corr.depths) // 2], corr.depths[-1]]
     names = list(class_names) if class_names else [str(c) for c in corr.classes]
     cmap = plt.get_cmap("coolwarm").with_extremes(bad=UNDEFINED_COLOUR)
-    fig, axes = plt.subplots(1, len(chosen), figsize=(3.8 * len(chosen), 4.0), squeeze=False)
+    fig, axes = _subplots(1, len(chosen), figsize=(3.8 * len(chosen), 4.0), squeeze=False)
     for ax, depth in zip(axes[0], chosen, strict=True):
         im = ax.imshow(np.ma.masked_invalid(corr.matrices[depth]), cmap=cmap, vmin=-1, vmax=1)
         r = corr.mean_between[depth]
@@ -218,7 +230,7 @@ def correlation_matrices(corr: ClassCorrelation, depths: Sequence[str] | None = 
 
 def correlation_vs_depth(corr: ClassCorrelation, *, label: str = "") -> Figure:
     """Mean between-class correlation against SA depth; undefined depths greyed, with the reason."""
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = _subplots(figsize=(8, 3.4))
     x = np.arange(len(corr.depths))
     values = np.array([corr.mean_between[d] for d in corr.depths], dtype=np.float64)
     defined = ~np.isnan(values)
@@ -250,14 +262,21 @@ def to_image(fig: Figure, *, dpi: int = 100) -> np.ndarray:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    _close(fig)
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
 def save(fig: Figure, path: str, *, dpi: int = 110) -> None:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    _close(fig)
+
+
+def _close(fig: Figure) -> None:
+    """Release a pyplot figure (callers may pass one); ours are not in pyplot's registry, and
+    leaving that registry alone keeps them safe to draw from several threads."""
+    if fig.canvas.manager is not None:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +292,7 @@ def faithfulness_curves(curves: Mapping[str, tuple[Curve, Curve]], *, untrained:
 
     x: the share of pixels deleted or inserted, most relevant first; y: softmax[c].
     """
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True, squeeze=False)
+    fig, axes = _subplots(1, 2, figsize=(10, 3.6), sharey=True, squeeze=False)
     panels = (("Deletion: lower AUC = more faithful", "share of pixels deleted (set to the mean colour)", "upper"),
               ("Insertion: higher AUC = more faithful", "share of pixels inserted into the blurred image", "lower"))
     for col, (ax, (heading, xlabel, corner)) in enumerate(zip(axes[0], panels, strict=True)):
@@ -299,7 +318,7 @@ def faithfulness_curves(curves: Mapping[str, tuple[Curve, Curve]], *, untrained:
 def randomization_chart(cascades: Mapping[str, Randomization], *, untrained: Collection[str] = ()) -> Figure:
     """Spearman (solid) and SSIM (dashed) of each model's CAM with its original as blocks are
     randomised, classifier first, from 1 (the original itself); a faithful map's similarity falls."""
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = _subplots(figsize=(10, 3.6))
     labels: list[str] = []
     for i, (name, r) in enumerate(cascades.items()):
         colour = FAITHFULNESS_COLOURS[i % len(FAITHFULNESS_COLOURS)]
@@ -327,7 +346,7 @@ def randomization_strip(original: np.ndarray, cascade: Randomization, *, display
     """The original CAM and the CAM after each cascade step, in a row (over the image if given)."""
     maps = [original, *cascade.cams]
     names = ["original", *(f"+{n}" for n in cascade.names)]
-    fig, axes = plt.subplots(1, len(maps), figsize=(1.05 * len(maps), 1.6), squeeze=False)
+    fig, axes = _subplots(1, len(maps), figsize=(1.05 * len(maps), 1.6), squeeze=False)
     for k, (ax, cam, name) in enumerate(zip(axes[0], maps, names, strict=True)):
         ax.imshow(overlay(display, cam, opacity=opacity) if display is not None else cam,
                   cmap=None if display is not None else CAM_CMAP, vmin=0, vmax=1)

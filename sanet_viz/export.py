@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import queue
+import threading
 import zipfile
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
 from . import charts
 from .results import AnalysisResult
 
-__all__ = ["write_result", "zip_folder", "RESULT_FILE"]
+__all__ = ["write_result", "zip_folder", "BackgroundWriter", "RESULT_FILE"]
 
 RESULT_FILE = "result.json"
 
@@ -73,3 +76,69 @@ def zip_folder(folder: str | Path) -> bytes:
             if path.is_file():
                 archive.write(path, path.name)
     return buffer.getvalue()
+
+
+class BackgroundWriter:
+    """:func:`write_result` on one background thread, in the order submitted, while the caller
+    computes the next result: a CLI run over many images keeps pictures and files off its
+    critical path. The files are exactly those that :func:`write_result` writes.
+
+    At most ``max_pending`` results wait (``submit`` blocks while the queue is full), so memory
+    stays bounded. An error in the writer is raised in the caller, by the next ``submit`` or by
+    ``close`` (leaving the ``with`` block): nothing submitted after it is written. ``close`` first
+    writes every result already submitted, also when the caller is leaving on an exception.
+    Charts are drawn on plain matplotlib Figures (no pyplot state), so the thread is safe.
+    """
+
+    def __init__(self, *, max_pending: int = 2, opacity: float = 0.5) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self._opacity = opacity
+        self._queue: queue.Queue[tuple[AnalysisResult, Path] | None] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._failed = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="sanet-viz-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, result: AnalysisResult, folder: str | Path) -> None:
+        """Queue ``result`` to be written into ``folder``; raises an earlier write's error."""
+        if self._closed:
+            raise RuntimeError("this writer is closed")
+        self._raise_error()
+        self._queue.put((result, Path(folder)))
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, and raise the first write error if any."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_error()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # the caller's exception wins; a write error then is its context, not lost
+            self.close()
+        except Exception as write_error:  # noqa: BLE001 - kept as a note on the caller's exception
+            exc.add_note(f"writing results in the background also failed: {write_error!r}")
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._failed:
+                continue  # keep draining so that submit() never blocks on a dead writer
+            try:
+                write_result(*item, opacity=self._opacity)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+                self._error, self._failed = exc, True

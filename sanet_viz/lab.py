@@ -46,11 +46,11 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the hardware runs it natively, else fp32."""
+    """``auto`` -> bf16 where the hardware runs it natively, else fp32; fp32, mixed, bf16 as given."""
     if precision == "auto":
         return "bf16" if bf16_supported(device) else "fp32"
-    if precision not in {"fp32", "bf16"}:
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision not in {"fp32", "mixed", "bf16"}:
+        raise ValueError(f"precision must be auto, fp32, mixed or bf16, got {precision!r}")
     return precision
 
 
@@ -91,6 +91,7 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self._fast_model_bf16: nn.Module | None = None
+        self._fast_model_mixed: nn.Module | None = None
         self._compiled: dict[str, nn.Module] = {}
         # Measured milliseconds per masked forward (one image) by precision, from the latest probe:
         # what the app's estimates for Score-CAM are made of.
@@ -133,14 +134,20 @@ class LoadedModel:
         """The model for masked forwards at ``precision``; call it holding ``lock``.
 
         bf16 uses a copy with bf16 weights (made on first use): autocast would cast every
-        convolution's weights again on each forward.
+        convolution's weights again on each forward. ``mixed`` runs the fp32 copy's stem, layer1
+        and layer2 and the bf16 copy's layer3 and layer4 (models.MixedPrecisionResNet: shared
+        modules, no further weights).
         """
-        if precision != "bf16" or self.fast_model is None:
+        if precision not in {"bf16", "mixed"} or self.fast_model is None:
             model = self.probe_forward_model
         else:
             if self._fast_model_bf16 is None:
                 self._fast_model_bf16 = copy.deepcopy(self.fast_model).to(torch.bfloat16)
             model = self._fast_model_bf16
+            if precision == "mixed":
+                if self._fast_model_mixed is None:
+                    self._fast_model_mixed = models.MixedPrecisionResNet(self.fast_model, self._fast_model_bf16)
+                model = self._fast_model_mixed
         if not self.compile_probe:
             return model
         if precision not in self._compiled:
@@ -150,10 +157,11 @@ class LoadedModel:
         return self._compiled[precision]
 
     def probe_precision(self, requested: str) -> str:
-        """The precision of the next probe: ``fp32``, ``bf16``, or ``check`` (run both, compare).
+        """The precision of the next probe: ``fp32``, ``mixed``, ``bf16``, or ``check`` (run fp32
+        and bf16, and mixed where bf16 fails; compare).
 
-        An explicit fp32/bf16 is obeyed. ``auto`` is fp32 without native bf16; otherwise it is
-        ``check`` until this model has a :class:`PrecisionCheck`, then bf16 if it passed.
+        An explicit fp32/mixed/bf16 is obeyed. ``auto`` is fp32 without native bf16; otherwise it
+        is ``check`` until this model has a :class:`PrecisionCheck`, then its verdict.
         """
         if requested != "auto":
             return resolve_precision(requested, self.device)
@@ -161,7 +169,7 @@ class LoadedModel:
             return "fp32"
         if self.bf16_check is None:
             return "check"
-        return "bf16" if self.bf16_check.passed else "fp32"
+        return self.bf16_check.verdict
 
     @property
     def has_sa(self) -> bool:

@@ -19,6 +19,8 @@ __all__ = [
     "SA_GROUPS",
     "ShuffleAttention",
     "FoldedShuffleAttention",
+    "InferenceSABottleneck",
+    "MixedPrecisionResNet",
     "SABottleneck",
     "SAResNet",
     "sa_resnet50",
@@ -137,6 +139,27 @@ class FoldedShuffleAttention(nn.Module):
         # Three passes over x, one new tensor: gate = sigmoid(a * x + b), then gate * x in place.
         return torch.addcmul(b, a, x).sigmoid_().mul_(x)
 
+    def gate_residual_relu_(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``relu(self(x) + residual)``: an SA bottleneck's tail at inference. Eager mode writes it
+        into ``x`` and returns ``x``, so ``x`` must not be needed afterwards.
+
+        Same values as the out-of-place expression up to rounding (fp32: a few ulps; bf16: one
+        rounding fewer, since the add happens before the product is rounded). Eager PyTorch runs
+        one kernel per operation, each a pass over its operands, so the gate, the product, the add
+        and the ReLU are applied a cache-sized chunk at a time (:func:`_cache_chunks`): the chunk
+        of ``x`` stays in L2 across them, and the gate's temporary is chunk-sized, reused by the
+        allocator instead of a fresh multi-megabyte buffer per layer. Under ``torch.compile`` the
+        plain expression is traced instead (inductor fuses it into one kernel).
+        """
+        a, b = self._coefficients(x)
+        if torch.compiler.is_compiling():
+            return torch.relu(torch.addcmul(b, a, x).sigmoid() * x + residual)
+        for samples, rows in _cache_chunks(x):
+            part = x[samples, :, rows]
+            gate = torch.addcmul(b[samples], a[samples], part).sigmoid_()
+            torch.addcmul(residual[samples, :, rows], part, gate, out=part).relu_()
+        return x
+
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Same contract as :meth:`ShuffleAttention.gates` (paper group order)."""
         n, c, h, w = x.shape
@@ -154,13 +177,38 @@ def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     On the CPU, ``torch.var_mean`` over the spatial dims of a channels_last tensor is 15-25x
     slower than BatchNorm's statistics kernel run on each sample (a (1, C, H, W) slice is a
-    contiguous HW x C matrix): benchmarks/bench_sa_stats.py. Both accumulate in fp32.
+    contiguous HW x C matrix): benchmarks/bench_sa_stats.py. Both accumulate in fp32. Under
+    ``torch.compile`` the plain reduction is traced: inductor generates its own kernel.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
         return mean, var
     stats = [torch.batch_norm_update_stats(sample, None, None, 0.0) for sample in x.split(1)]
     return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
+
+
+# Elements per chunk of the fused SA tail: a chunk of x, its gate and the residual's chunk
+# (3 x 512 KiB in fp32) fit in a 2 MiB L2 cache. Measured on SANet50's shapes: benchmarks/bench_analysis.py.
+CHUNK_ELEMENTS = 1 << 17
+
+
+def _cache_chunks(x: Tensor) -> Iterator[tuple[slice, slice]]:
+    """(samples, rows) index pairs covering ``x`` (N, C, H, W) in pieces of about CHUNK_ELEMENTS.
+
+    Small samples are grouped; a large one is split along H where that keeps the pieces
+    contiguous (channels_last: each row of a sample is one contiguous W x C block).
+    """
+    n, c, h, w = x.shape
+    per_sample = c * h * w
+    if per_sample <= CHUNK_ELEMENTS or not x.is_contiguous(memory_format=torch.channels_last):
+        step = max(1, CHUNK_ELEMENTS // per_sample)
+        for start in range(0, n, step):
+            yield slice(start, start + step), slice(None)
+        return
+    rows = max(1, CHUNK_ELEMENTS // (c * w))
+    for sample in range(n):
+        for start in range(0, h, rows):
+            yield slice(sample, sample + 1), slice(start, start + rows)
 
 
 def shuffled_order(channels: int) -> Tensor:
@@ -185,6 +233,31 @@ class SABottleneck(tv_resnet.Bottleneck):
         # Out-of-place add (the official block adds in place): hooks that keep SA's output, such
         # as Grad-CAM's activation store, then see it unchanged. Numerically identical.
         return self.relu(out + identity)
+
+
+class InferenceSABottleneck(nn.Module):
+    """An SA bottleneck for no-grad inference (:func:`inference_copy`): BatchNorm fused into the
+    convolutions, the shuffle folded into conv3, and SA, the residual add and the final ReLU
+    applied in place on conv3's output (:meth:`FoldedShuffleAttention.gate_residual_relu_`).
+
+    Same output as the :class:`SABottleneck` it was made from, up to float rounding.
+    """
+
+    def __init__(self, block: SABottleneck) -> None:
+        super().__init__()
+        if not isinstance(block.sa, FoldedShuffleAttention):
+            raise TypeError("fold the channel shuffle first (fold_channel_shuffle)")
+        if not all(isinstance(getattr(block, f"bn{i}"), nn.Identity) for i in (1, 2, 3)):
+            raise TypeError("fuse BatchNorm into the convolutions first")
+        self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
+        self.sa: FoldedShuffleAttention = block.sa
+        self.downsample = block.downsample
+        self.stride = block.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu_(self.conv2(torch.relu_(self.conv1(x))))
+        return self.sa.gate_residual_relu_(self.conv3(out), identity)
 
 
 class SAResNet(nn.Module):
@@ -322,11 +395,14 @@ def _iter_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 # Inference-time folding of the channel shuffle into conv3/bn3 (issue: fast analysis).
 
 @torch.no_grad()
-def inference_copy(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
-    """A copy for no-grad forwards: shuffle folded (SA models), BatchNorm fused into the convs.
+def inference_copy(model: nn.Module, *, channels_last: bool = True, fuse_sa: bool = True) -> nn.Module:
+    """A copy for no-grad forwards: shuffle folded (SA models), BatchNorm fused into the convs,
+    SA bottlenecks as :class:`InferenceSABottleneck` (SA, residual add and ReLU fused, in place).
 
     Same logits and block outputs as ``model`` up to float rounding; the argument is untouched.
-    Its module tree differs (BN layers become Identity): hook the original, not this copy.
+    Its module tree differs (BN layers become Identity, SA blocks change class): hook the
+    original, not this copy. ``fuse_sa=False`` keeps the SA blocks as :class:`SABottleneck` with
+    :class:`FoldedShuffleAttention` (the unfused schedule, for comparisons).
     """
     import copy
 
@@ -347,6 +423,10 @@ def inference_copy(model: nn.Module, *, channels_last: bool = True) -> nn.Module
         else:
             setattr(parent, conv_name, fused)
             setattr(parent, bn_name, nn.Identity())
+    for parent in [m for m in fast.modules() if isinstance(m, nn.Sequential) and fuse_sa]:
+        for index, block in enumerate(parent):
+            if isinstance(block, SABottleneck) and isinstance(block.sa, FoldedShuffleAttention):
+                parent[index] = InferenceSABottleneck(block)
     fast.requires_grad_(False)
     return fast.to(memory_format=torch.channels_last) if channels_last else fast
 
@@ -375,3 +455,27 @@ def fold_channel_shuffle(model: SAResNet) -> SAResNet:
             tensor.copy_(tensor[order])
         block.sa = FoldedShuffleAttention(sa).to(block.conv3.weight.device)
     return folded
+
+
+class MixedPrecisionResNet(nn.Module):
+    """A ResNet-style model (torchvision's attribute names) run with its stem, layer1 and layer2
+    from an fp32 model and layer3, layer4 from a bf16 copy of it; pooling and classifier in fp32.
+
+    Why these stages: on calibrated weights (benchmarks/bench_mixed_precision.py) bf16 in the stem,
+    layer1 or layer2 moved ResNet50's probe scores by 0.02-0.03 and broke its group ranking; in
+    layer3 and layer4 by at most 0.006. The modules are shared with the two models, not copied: no
+    weights are added. For no-grad inference; its module tree is not the original's.
+    """
+
+    def __init__(self, fp32: nn.Module, bf16: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = fp32.conv1, fp32.bn1, fp32.relu, fp32.maxpool
+        self.layer1, self.layer2 = fp32.layer1, fp32.layer2
+        self.layer3, self.layer4 = bf16.layer3, bf16.layer4
+        self.avgpool, self.fc = fp32.avgpool, fp32.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x)).to(torch.bfloat16)
+        x = self.layer4(self.layer3(x)).float()
+        return self.fc(torch.flatten(self.avgpool(x), 1))

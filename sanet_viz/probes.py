@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +49,15 @@ def probe_masks(maps: Tensor, size: tuple[int, int]) -> Tensor:
 
 @contextlib.contextmanager
 def autocast_for(device: torch.device, precision: str) -> Iterator[None]:
-    """bf16 autocast for ``precision == "bf16"``; a no-op for fp32."""
+    """bf16 autocast for ``precision == "bf16"``; a no-op for fp32, and for ``mixed``, whose model
+    (:class:`models.MixedPrecisionResNet`) casts between its fp32 and bf16 stages itself."""
     if precision == "bf16":
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
-    elif precision == "fp32":
+    elif precision in {"fp32", "mixed"}:
         yield
     else:
-        raise ValueError(f"precision must be fp32 or bf16 here, got {precision!r}")
+        raise ValueError(f"precision must be fp32, mixed or bf16 here, got {precision!r}")
 
 
 @torch.no_grad()
@@ -153,34 +154,58 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 @dataclass(frozen=True)
 class PrecisionCheck:
-    """bf16 against fp32 probe scores of one model on one image.
+    """bf16 against fp32 probe scores of one model on one image, and, where bf16 failed, the
+    ``mixed`` precision (bf16 in layer3 and layer4 only, :class:`models.MixedPrecisionResNet`).
 
-    ``auto`` precision runs the probe in bf16 only after a check that ``passed``: on weights
-    whose softmax saturates (an untrained ResNet50's logits reach ~50) bf16 rounding moves
-    scores by several hundredths, so the hardware alone cannot decide.
+    ``auto`` precision runs the probe in bf16 only after a check that ``passed``, else in mixed
+    precision only if ``mixed`` passed, else in fp32: on weights whose softmax saturates (an
+    untrained ResNet50's logits reach ~50) bf16 rounding moves scores by several hundredths, so
+    the hardware alone cannot decide.
     """
 
     image: str
     max_abs_diff: float
     spearman: float
+    # What the check cost: seconds of each probe it ran ("fp32", "bf16", "mixed"); None: not measured.
+    seconds: Mapping[str, float] | None = None
+    mixed: PrecisionCheck | None = None  # mixed precision against fp32, tried when bf16 failed
 
     @classmethod
-    def compare(cls, fp32: Tensor, bf16: Tensor, image: str) -> PrecisionCheck:
-        return cls(image, float((fp32.double() - bf16.double()).abs().max()), spearman(fp32.flatten(), bf16.flatten()))
+    def compare(cls, fp32: Tensor, bf16: Tensor, image: str, *, seconds: Mapping[str, float] | None = None,
+                mixed: PrecisionCheck | None = None) -> PrecisionCheck:
+        return cls(image, float((fp32.double() - bf16.double()).abs().max()), spearman(fp32.flatten(), bf16.flatten()),
+                   seconds, mixed)
 
     @property
     def passed(self) -> bool:
         # NaN (a constant score vector: no ranking to keep) fails.
         return self.max_abs_diff <= BF16_MAX_ABS_DIFF and self.spearman >= BF16_MIN_SPEARMAN
 
+    @property
+    def verdict(self) -> str:
+        """The precision ``auto`` runs the probes in after this check: bf16, mixed or fp32."""
+        if self.passed:
+            return "bf16"
+        return "mixed" if self.mixed is not None and self.mixed.passed else "fp32"
+
     def describe(self) -> str:
-        """One line for logs: what was compared, what came out, and what the probes will use."""
-        return (f"bf16 checked against fp32 on {self.image}: max |diff| {self.max_abs_diff:.4f}, Spearman "
-                f"{self.spearman:.3f}: probes run in {'bf16' if self.passed else 'fp32'}")
+        """One line for logs: what was compared, what came out, what it cost, what the probes use."""
+        line = (f"bf16 checked against fp32 on {self.image}: max |diff| {self.max_abs_diff:.4f}, Spearman "
+                f"{self.spearman:.3f}")
+        if self.mixed is not None:
+            line += (f"; mixed (bf16 in layer3-layer4): max |diff| {self.mixed.max_abs_diff:.4f}, Spearman "
+                     f"{self.mixed.spearman:.3f}")
+        line += f": probes run in {self.verdict}"
+        if self.seconds:
+            line += (f" (the check cost {sum(self.seconds.values()):.1f} s: "
+                     + " + ".join(f"{k} probe {v:.1f} s" for k, v in self.seconds.items()) + ")")
+        return line
 
     def to_dict(self) -> dict[str, object]:
         return {"image": self.image, "max_abs_diff": round(self.max_abs_diff, 6),
                 "spearman": None if self.spearman != self.spearman else round(self.spearman, 4),
                 "passed": self.passed, "rule": f"max |bf16 - fp32| <= {BF16_MAX_ABS_DIFF}, "
-                                               f"Spearman >= {BF16_MIN_SPEARMAN}"}
-
+                                               f"Spearman >= {BF16_MIN_SPEARMAN}",
+                "verdict": self.verdict,
+                "mixed": None if self.mixed is None else self.mixed.to_dict(),
+                "seconds": None if self.seconds is None else {k: round(v, 3) for k, v in self.seconds.items()}}

@@ -46,8 +46,8 @@ class AnalysisOptions:
         if self.target_class is not None and not 0 <= self.target_class < self.num_classes:
             raise ValueError(f"target class must be one of the models' {self.num_classes} classes "
                              f"0..{self.num_classes - 1}, got {self.target_class}")
-        if self.precision not in {"auto", "fp32", "bf16"}:
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in {"auto", "fp32", "mixed", "bf16"}:
+            raise ValueError(f"precision must be auto, fp32, mixed or bf16, got {self.precision!r}")
         if self.probe_batch_size < 1:
             raise ValueError("probe batch size must be at least 1")
         if self.faithfulness_steps < 1:

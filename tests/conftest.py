@@ -22,18 +22,27 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def load_test_module() -> Any:
-    """benchmarks/load_test.py (not a package) as a module, loaded once: its app start/stop,
-    readiness wait and checks serve the server tests too."""
+def benchmark_module(name: str) -> Any:
+    """benchmarks/<name>.py (not a package) as a module, loaded once."""
     import importlib.util
     import sys
 
-    if "load_test" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("load_test", ROOT / "benchmarks" / "load_test.py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["load_test"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules["load_test"]
+    return sys.modules[name]
+
+
+def load_test_module() -> Any:
+    """benchmarks/load_test.py: its app start/stop, readiness wait and checks serve the server tests too."""
+    return benchmark_module("load_test")
+
+
+def calibrated_module() -> Any:
+    """benchmarks/calibrated.py: random weights with trained-looking statistics (realistic scores)."""
+    return benchmark_module("calibrated")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

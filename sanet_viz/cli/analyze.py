@@ -24,9 +24,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    "(default: each model's top-1)")
     a.add_argument("--layer", help="CAM target layer: module name (layer3.5) or paper name (SA_4_6); "
                    "default layer4.2 = SA_5_3")
-    a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    a.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
                    help="probe precision; auto: bf16 where the hardware runs it natively, once a check on the "
-                        "first image shows bf16 within 0.02 of fp32 with the group ranking kept (CAM is fp32)")
+                        "first image shows bf16 within 0.02 of fp32 with the group ranking kept, else mixed "
+                        "(bf16 in layer3-layer4 only) if that passes the same check, else fp32 (CAM is fp32)")
     a.add_argument("--no-probe", action="store_true", help="skip the 64-group probes")
     a.add_argument("--probe-batch-size", type=int, default=16)
     a.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -37,7 +38,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions, analyze, faithfulness_verdict
-    from ..export import write_result
+    from ..export import BackgroundWriter
     from ..weights import MODEL_SPECS, untrained_warning
 
     # Options first: a wrong one fails before the models load.
@@ -51,15 +52,17 @@ def run(args: argparse.Namespace) -> int:
     lab = load_lab(args, compile_probe=args.compile)
     failed: list[Path] = []
     used: set[str] = set()
-    for path, image in prepared_images(lab, args.images, failed):
-        result = analyze(lab, image, options, name=path.name)
-        data = write_result(result, args.out / _unique_stem(path, used))
-        if len(args.images) < 2:
-            for m in data["models"].values():  # type: ignore[union-attr]
-                top = m["top5"][0]
-                print(f"{path.name}: {m['display_name']}: {top['label']} ({top['prob']:.1%})")
-            if (sentence := faithfulness_verdict(result)) is not None:
-                print(f"{path.name}: faithfulness: {sentence}")
+    # Pictures and files of one image are written while the next image's forwards run.
+    with BackgroundWriter() as writer:
+        for path, image in prepared_images(lab, args.images, failed):
+            result = analyze(lab, image, options, name=path.name)
+            writer.submit(result, args.out / _unique_stem(path, used))
+            if len(args.images) < 2:
+                for m in result.models.values():
+                    top = m.top5[0]
+                    print(f"{path.name}: {m.display_name}: {top.label} ({top.prob:.1%})")
+                if (sentence := faithfulness_verdict(result)) is not None:
+                    print(f"{path.name}: faithfulness: {sentence}")
     for lm in lab.models.values():
         if lm.bf16_check is not None:
             print(f"{lm.display_name}: {lm.bf16_check.describe()}", file=sys.stderr)
