@@ -27,21 +27,19 @@ import numpy as np
 from .. import charts, figures
 from ..analysis import (
     AnalysisOptions,
-    add_faithfulness,
     add_probes,
-    add_randomization,
     complete_cam,
     explain,
-    faithfulness_verdict,
 )
 from ..cam import CAM_METHODS, MULTI_PASS_METHODS
-from ..correlation import class_correlation
 from ..export import write_result, zip_folder
 from ..lab import Lab
 from ..preprocessing import DecodeLimits, ImageDecodeError
 from ..progress import Cancelled
 from ..results import AnalysisResult, ModelResult
 from . import views
+from .correlate import CorrelationHandlers
+from .faithfulness import FaithfulnessHandlers
 from .session import Session
 from .tabs import PREDICTED, CompareTab, Controls, CorrelationTab, DepthTab, DownloadTab, FaithfulnessTab, GroupsTab
 
@@ -94,7 +92,7 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-class Handlers:
+class Handlers(FaithfulnessHandlers, CorrelationHandlers):
     def __init__(self, lab: Lab, settings: AppSettings, page: Page) -> None:
         self.lab, self.settings, self.page = lab, settings, page
         self.slow_lane = threading.Semaphore(1)
@@ -481,125 +479,6 @@ class Handlers:
         yield from self._probes(session, ("resnet50",), check)
         if not self._pending(session.result):
             yield self._final(session, opacity)
-
-    # ----------------------------------------------------------------------------------------
-    # Faithfulness
-
-    def measure(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
-        """Deletion, insertion and ROAD of both maps as shown (about 2 x 74 forwards)."""
-        session = self._ready(session)
-        try:
-            yield from self._measure(session, session.checker(session.run, self.settings.stopping))
-        except Cancelled as exc:
-            raise gr.Error(f"Stopped: {exc}.", print_exception=False) from None
-        yield self._final(session, opacity)
-
-    def randomize(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
-        """The randomisation check of both maps (one CAM per block), after the measures."""
-        session = self._ready(session)
-        check = session.checker(session.run, self.settings.stopping)
-        result, image = session.result, session.image
-        assert result is not None and image is not None
-        try:
-            yield from self._measure(session, check)
-            for key in result.models:
-                yield {self.page.faithfulness.verdict: views.status_html(
-                    f"Randomising {result.models[key].display_name} block by block…", kind="busy")}
-                add_randomization(self.lab, image, result, model_keys=(key,), progress=lambda *_: check())
-                yield self._faithfulness_views(session)
-        except Cancelled as exc:
-            raise gr.Error(f"Stopped: {exc}.", print_exception=False) from None
-        yield self._final(session, opacity)
-
-    def _ready(self, session: Session | None) -> Session:
-        if session is None or session.result is None or session.image is None:
-            raise gr.Error("Analyse an image first.", print_exception=False)
-        if self._pending(session.result):
-            raise gr.Error("Wait for the slow method to finish (or cancel it) first.", print_exception=False)
-        return session
-
-    def _measure(self, session: Session, check: Callable[[], None]) -> Iterator[dict[Any, Any]]:
-        result, image = session.result, session.image
-        assert result is not None and image is not None
-        if all(m.faithfulness is not None for m in result.models.values()):
-            return
-        yield {self.page.faithfulness.verdict: views.status_html(
-            "Measuring deletion, insertion and ROAD for both maps…", kind="busy")}
-        add_faithfulness(self.lab, image, result, randomization=False, progress=lambda *_: check())
-        yield self._faithfulness_views(session)
-
-    def _faithfulness_views(self, session: Session) -> dict[Any, Any]:
-        result, f = session.result, self.page.faithfulness
-        measured = {m.display_name: m for m in result.models.values() if m.faithfulness is not None} if result else {}
-        if not measured:
-            return {f.verdict: "", f.curves: None, f.road: "", f.cascade: None, f.strips: None}
-        untrained = [n for n, m in measured.items() if not m.weights.pretrained]
-        out: dict[Any, Any] = {
-            f.verdict: f'<div class="banner {"banner-untrained" if untrained else "banner-pretrained"}">'
-                       f"{faithfulness_verdict(result)}</div>",  # type: ignore[arg-type]
-            f.curves: charts.to_image(charts.faithfulness_curves(
-                {n: (m.faithfulness.deletion, m.faithfulness.insertion) for n, m in measured.items()},  # type: ignore[union-attr]
-                untrained=untrained)),
-            f.road: views.faithfulness_table(measured)}
-        cascades = {n: m.faithfulness.randomization for n, m in measured.items()  # type: ignore[union-attr]
-                    if m.faithfulness.randomization is not None}  # type: ignore[union-attr]
-        if cascades:
-            out[f.cascade] = charts.to_image(charts.randomization_chart(cascades, untrained=untrained))
-            out[f.strips] = views.stacked([charts.to_image(charts.randomization_strip(
-                measured[n].cam, r, display=result.display, title=n)) for n, r in cascades.items()])  # type: ignore[union-attr,arg-type]
-        return out
-
-    # ----------------------------------------------------------------------------------------
-    # Class correlation
-
-    def correlate(self, files: Sequence[str] | None, labels_text: str) -> dict[Any, Any]:
-        """SANet50's gates for several images, and the class x class correlation at every depth."""
-        files = list(files or [])
-        if len(files) < 2:
-            raise gr.Error("Upload at least two images (of at least two classes).", print_exception=False)
-        if len(files) > self.settings.max_correlation_images:
-            raise gr.Error(f"At most {self.settings.max_correlation_images} images at once.", print_exception=False)
-        given = [line.strip() for line in (labels_text or "").splitlines()]
-        gates, labels, rows, skipped = [], [], [], []
-        for i, path in enumerate(files):
-            name = Path(path).name
-            try:
-                image = self.lab.prepare(path, limits=self.settings.limits, name=name)
-            except ImageDecodeError as exc:
-                skipped.append(str(exc))
-                continue
-            sanet = explain(self.lab, image, AnalysisOptions(probe=False), model_keys=("sanet50",),
-                            name=name).models["sanet50"]
-            predicted = sanet.top5[0]
-            label = given[i] if i < len(given) and given[i] else f"{predicted.index}: {predicted.label}"
-            gates.append(sanet.sa_gates)
-            labels.append(label)
-            rows.append([name, label, f"{predicted.index}: {predicted.label} ({predicted.prob:.1%})"])
-        if len(rows) < 2:
-            raise gr.Error("Fewer than two of the files are pictures that can be analysed. " + "; ".join(skipped),
-                           print_exception=False)
-        if len(set(labels)) < 2:
-            raise gr.Error("The images fall into fewer than two classes: add images of another class or give "
-                           "labels (one per line, in upload order).", print_exception=False)
-        corr = class_correlation(gates, labels)
-        c = self.page.correlation
-        matrices = charts.correlation_matrices(corr, class_names=[str(x) for x in corr.classes])
-        return {c.line: charts.to_image(charts.correlation_vs_depth(corr)), c.matrices: charts.to_image(matrices),
-                c.table: rows, c.message: self._correlation_note(corr, len(rows), skipped),
-                c.numbers: corr.to_dict()}
-
-    def _correlation_note(self, corr: Any, images: int, skipped: list[str]) -> str:
-        note = [f"{images} images, {len(corr.classes)} classes."]
-        undefined = [d for d in corr.depths if not corr.defined(d)]
-        if undefined:
-            reasons = sorted({corr.notes[d] for d in undefined})
-            note.append(f"**Undefined at {len(undefined)} of {len(corr.depths)} depths** (greyed): "
-                        + "; ".join(reasons) + ".")
-        if any(not lm.weights.pretrained for key, lm in self.lab.models.items() if key == "sanet50"):
-            note.append("**SANet50 is untrained**: these gates are not the published model's.")
-        if skipped:
-            note.append("Skipped: " + "; ".join(skipped))
-        return "\n\n".join(note)
 
 
 def _prune(folder: Path, ttl_s: float) -> None:
