@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import charts, figures
-from .analysis import AnalysisOptions, analyze
+from .analysis import AnalysisOptions, analyze, faithfulness_verdict
 from .lab import Lab
 from .preprocessing import ImageInput
 from .results import AnalysisResult, ModelResult
@@ -108,6 +108,19 @@ class NotebookResult:
         fig.axes[0].set_title(f"{_name(m)}: mean SA gates by depth", fontsize=9)
         return _detached(fig)
 
+    def faithfulness(self) -> Figure:
+        """Deletion and insertion curves of each measured map (``analyze(..., faithfulness=True)``)."""
+        measured = {m.display_name: m for m in self.raw.models.values() if m.faithfulness is not None}
+        if not measured:
+            raise ValueError("no faithfulness measures: analyze(..., faithfulness=True) first")
+        return _detached(charts.faithfulness_curves(
+            {n: (m.faithfulness.deletion, m.faithfulness.insertion) for n, m in measured.items()},  # type: ignore[union-attr]
+            untrained=[n for n, m in measured.items() if not m.weights.pretrained]))
+
+    def verdict(self) -> str | None:
+        """One sentence: which map the faithfulness numbers favour, and how far to trust that."""
+        return faithfulness_verdict(self.raw)
+
     def figure(self, *, columns: str | Sequence[str] = figures.DEFAULT_COLUMNS, layout: str = "slide",
                opacity: float = 0.5) -> Figure:
         """The comparison figure (``python -m sanet_viz figure``) of this one picture."""
@@ -153,11 +166,15 @@ class NotebookLab:
 
     def options(self, *, method: str = "gradcam", target_class: int | None = None, layer: str | None = None,
                 precision: str = "auto", probe: bool = True, probe_models: Sequence[str] | None = None,
-                probe_batch_size: int = 16, gates: bool = True) -> AnalysisOptions:
+                probe_batch_size: int = 16, gates: bool = True, faithfulness: bool = False,
+                faithfulness_steps: int = 32, faithfulness_randomization: bool = False) -> AnalysisOptions:
         """The :class:`AnalysisOptions` the CLI's flags of the same names make (checked here)."""
         return AnalysisOptions(method=method, target_class=target_class, cam_layer=layer, precision=precision,
                                probe=probe, probe_models=tuple(probe_models) if probe_models else None,
                                probe_batch_size=probe_batch_size, gates=gates,
+                               faithfulness=faithfulness or faithfulness_randomization,
+                               faithfulness_steps=faithfulness_steps,
+                               faithfulness_randomization=faithfulness_randomization,
                                num_classes=min(lm.num_classes for lm in self.lab.models.values()))
 
     def analyze(self, image: ImageInput, *, name: str | None = None, **options: Any) -> NotebookResult:
@@ -166,7 +183,8 @@ class NotebookLab:
         ``options``: ``method`` ("gradcam"), ``target_class`` (None: each model's top-1), ``layer``
         (None: layer4.2 = SA_5_3; paper names accepted), ``precision`` ("auto", "fp32", "bf16"),
         ``probe`` (True; the probe is most of the time), ``probe_models`` (e.g. ``["sanet50"]``),
-        ``probe_batch_size`` (16), ``gates`` (True).
+        ``probe_batch_size`` (16), ``gates`` (True), ``faithfulness`` (False: deletion, insertion and
+        ROAD of each map), ``faithfulness_steps`` (32), ``faithfulness_randomization`` (False).
         """
         label = str(image) if isinstance(image, (str, Path)) else name
         prepared = self.lab.prepare(image, name=label)
