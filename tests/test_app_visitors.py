@@ -128,7 +128,7 @@ def test_both_heatmaps_on_screen_together(untrained_app: str, width: int, height
             assert _box(page, "#analyse-button")["y"] + _box(page, "#analyse-button")["height"] <= height, \
                 "Analyse is in the first screen"
             tabs = page.get_by_role("tab")
-            assert tabs.count() == 5 and all(tabs.nth(i).is_visible() for i in range(5)), "every tab reachable"
+            assert tabs.count() == 6 and all(tabs.nth(i).is_visible() for i in range(6)), "every tab reachable"
             page.set_input_files("#image-input input[type=file]", str(EXAMPLES / "chelsea.jpg"))
             page.wait_for_selector("#image-input img", timeout=30_000)
             page.click("#analyse-button")
