@@ -102,7 +102,7 @@ def analysis_rows(bench: dict[str, Any]) -> list[Row]:
     for key, check in (bench.get("precision_checks") or {}).items():
         if check:
             rows.append(Row(f"  auto: {key} bf16 check", f"max |diff| {check['max_abs_diff']}, Spearman "
-                            f"{check['spearman']}: {'bf16' if check['passed'] else 'fp32'}"))
+                            f"{check['spearman']}: {check['verdict']}"))
     return rows
 
 

@@ -125,6 +125,20 @@ class FoldedShuffleAttention(nn.Module):
         self.register_buffer("spatial_mask", is_spatial[order].reshape(1, c, 1, 1).clone())
         # Canonical channel p sits at position inverse[p] of the shuffled layout.
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
+        # Set by reorder_ when the channel-branch channels come first (C/2 of them): the gate of
+        # those is a constant per (sample, channel), and the tail then skips their sigmoid.
+        self.channel_branch_first: int | None = None
+
+    @torch.no_grad()
+    def reorder_(self, order: Tensor) -> None:
+        """Expect input channels in a new order: position i holds the channel now at ``order[i]``
+        (for a copy whose conv3 outputs were permuted likewise, see :func:`inference_copy`)."""
+        for name in ("w_mean", "w_norm", "bias", "spatial_mask"):
+            setattr(self, name, getattr(self, name)[:, order].clone())
+        self.inverse = torch.argsort(order.to(self.inverse.device))[self.inverse]
+        spatial = self.spatial_mask.flatten()
+        half = self.channels // 2
+        self.channel_branch_first = half if bool((~spatial[:half]).all() and spatial[half:].all()) else None
 
     def _coefficients(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, var = instance_stats(x)
@@ -154,10 +168,20 @@ class FoldedShuffleAttention(nn.Module):
         a, b = self._coefficients(x)
         if torch.compiler.is_compiling():
             return torch.relu(torch.addcmul(b, a, x).sigmoid() * x + residual)
+        split = self.channel_branch_first
+        if split is not None:  # channel-branch gates are per (sample, channel): no per-pixel sigmoid
+            constant, a, b = torch.sigmoid(b[:, :split]), a[:, split:], b[:, split:]
         for samples, rows in _cache_chunks(x):
-            part = x[samples, :, rows]
-            gate = torch.addcmul(b[samples], a[samples], part).sigmoid_()
-            torch.addcmul(residual[samples, :, rows], part, gate, out=part).relu_()
+            part, rest = x[samples, :, rows], residual[samples, :, rows]
+            if split is None:
+                gate = torch.addcmul(b[samples], a[samples], part).sigmoid_()
+                torch.addcmul(rest, part, gate, out=part)
+            else:
+                torch.addcmul(rest[:, :split], part[:, :split], constant[samples], out=part[:, :split])
+                spatial = part[:, split:]
+                gate = torch.addcmul(b[samples], a[samples], spatial).sigmoid_()
+                torch.addcmul(rest[:, split:], spatial, gate, out=spatial)
+            part.relu_()
         return x
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,9 +211,12 @@ def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
 
 
-# Elements per chunk of the fused SA tail: a chunk of x, its gate and the residual's chunk
-# (3 x 512 KiB in fp32) fit in a 2 MiB L2 cache. Measured on SANet50's shapes: benchmarks/bench_analysis.py.
-CHUNK_ELEMENTS = 1 << 17
+# Elements per chunk of the fused SA tail (4 MiB of fp32: about one sample of layer1). Chunks of
+# 2^17 to 2^20 elements ran equally fast in one thread on a 2 MiB-L2 Xeon (SANet50 1.11-1.15x
+# ResNet50 per masked forward in fp32, vs 1.35-1.38x unfused); the larger chunks make 8x fewer
+# operations, and each operation of a 2-thread pool is a barrier that a shared, loaded machine
+# can stall. A whole-batch chunk (one 51 MB temporary in layer1) was slower: 1.22x.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _cache_chunks(x: Tensor) -> Iterator[tuple[slice, slice]]:
@@ -253,6 +280,10 @@ class InferenceSABottleneck(nn.Module):
         self.sa: FoldedShuffleAttention = block.sa
         self.downsample = block.downsample
         self.stride = block.stride
+        # Output channel i is the model's block-output channel stream_order[i] (see inference_copy).
+        order = getattr(block, "stream_order", None)
+        self.register_buffer("stream_order", torch.arange(self.sa.channels) if order is None else order,
+                             persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -423,12 +454,47 @@ def inference_copy(model: nn.Module, *, channels_last: bool = True, fuse_sa: boo
         else:
             setattr(parent, conv_name, fused)
             setattr(parent, bn_name, nn.Identity())
+    if fuse_sa and sa_module_names(fast):
+        _group_sa_branches(fast)
     for parent in [m for m in fast.modules() if isinstance(m, nn.Sequential) and fuse_sa]:
         for index, block in enumerate(parent):
             if isinstance(block, SABottleneck) and isinstance(block.sa, FoldedShuffleAttention):
                 parent[index] = InferenceSABottleneck(block)
     fast.requires_grad_(False)
     return fast.to(memory_format=torch.channels_last) if channels_last else fast
+
+
+@torch.no_grad()
+def _group_sa_branches(model: nn.Module) -> None:
+    """Reorder the residual stream of each SA stage so that its channel-branch channels come
+    first (in place, on a folded copy with BatchNorm fused into the convolutions).
+
+    A stage's blocks all add into one stream, and every block of a stage has the same SA branch
+    pattern, so one permutation per stage serves: conv3's and the downsample's output channels
+    are permuted, and so are the input channels of every convolution that reads the stream (the
+    stage's conv1s and downsample, the next stage's first conv1 and downsample, the classifier).
+    The logits are unchanged; the blocks' outputs are permuted (``stream_order`` of each
+    :class:`InferenceSABottleneck` says how).
+    """
+    entering: Tensor | None = None  # the order of the stream entering the stage
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        layout = stage[0].sa.spatial_mask.clone()
+        order = torch.argsort(layout.flatten().to(torch.uint8), stable=True)
+        for index, block in enumerate(stage):
+            if not torch.equal(block.sa.spatial_mask, layout):
+                raise ValueError("the blocks of a stage have different SA layouts")
+            reading = entering if index == 0 else order
+            convs_in = [block.conv1] + ([block.downsample[0]] if block.downsample is not None else [])
+            convs_out = [block.conv3] + ([block.downsample[0]] if block.downsample is not None else [])
+            for conv in convs_in if reading is not None else []:
+                conv.weight.copy_(conv.weight[:, reading])
+            for conv in convs_out:
+                conv.weight.copy_(conv.weight[order])
+                conv.bias.copy_(conv.bias[order])
+            block.sa.reorder_(order)
+            block.register_buffer("stream_order", order.clone(), persistent=False)
+        entering = order
+    model.fc.weight.copy_(model.fc.weight[:, entering])
 
 
 @torch.no_grad()

@@ -63,30 +63,47 @@ def test_cache_chunks_cover_every_element_once(shape: tuple[int, int, int], chan
         assert all(x[s, :, r].is_contiguous(memory_format=torch.channels_last) for s, r in pieces)
 
 
+def folded_inputs(sa: models.ShuffleAttention, x: Tensor, residual: Tensor, *, grouped: bool,
+                  channels_last: bool) -> tuple[models.FoldedShuffleAttention, Tensor, Tensor, Tensor]:
+    """The folded layer and its inputs in conv3's folded output order (shuffled; with ``grouped``,
+    then reordered so that the channel-branch channels come first, as inference_copy does), and
+    the order that maps them back (position i holds the model's channel order[i])."""
+    folded = models.FoldedShuffleAttention(sa).to(x.dtype)
+    order = torch.arange(sa.channels)
+    if grouped:
+        order = torch.argsort(folded.spatial_mask.flatten().to(torch.uint8), stable=True)
+        folded.reorder_(order)
+        assert folded.channel_branch_first == sa.channels // 2
+    shuffled = models.channel_shuffle(x, 2)[:, order]
+    return folded, layout(shuffled, channels_last), layout(residual[:, order], channels_last), order
+
+
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("chunk", [None, 64 * 7 * 2, 64 * 9 * 7 * 2])  # default; split rows; group samples
-def test_fused_sa_tail_equals_reference_sa_fp32(channels_last: bool, chunk: int | None,
+def test_fused_sa_tail_equals_reference_sa_fp32(grouped: bool, channels_last: bool, chunk: int | None,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     if chunk is not None:
         monkeypatch.setattr(models, "CHUNK_ELEMENTS", chunk)
     sa = random_sa(64, 4, seed=1)
-    folded = models.FoldedShuffleAttention(sa)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 64, 9, 7, generator=g) * 2 + 0.5
     residual = torch.randn(5, 64, 9, 7, generator=g)
     want = reference_tail(sa, x, residual)
     exact = reference_tail(copy.deepcopy(sa).double(), x.double(), residual.double())
-    shuffled = layout(models.channel_shuffle(x, 2), channels_last)  # conv3's output order once folded
+    folded, shuffled, rest, order = folded_inputs(sa, x, residual, grouped=grouped, channels_last=channels_last)
     with torch.no_grad():
-        got = folded.gate_residual_relu_(shuffled, layout(residual, channels_last))
+        got = folded.gate_residual_relu_(shuffled, rest)
     assert got.data_ptr() == shuffled.data_ptr()  # written in place
+    got = torch.empty_like(got).index_copy_(1, order, got)  # back to the model's order
     # Exact to fp32 rounding: as close to float64 as the reference layer is.
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
     assert float((got.double() - exact).abs().max()) <= 2 * float((want.double() - exact).abs().max()) + 1e-6
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_fused_sa_tail_equals_reference_sa_bf16(channels_last: bool) -> None:
+def test_fused_sa_tail_equals_reference_sa_bf16(grouped: bool, channels_last: bool) -> None:
     sa = random_sa(128, 8, seed=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 128, 6, 5, generator=g) * 2 + 0.5
@@ -94,11 +111,12 @@ def test_fused_sa_tail_equals_reference_sa_bf16(channels_last: bool) -> None:
     exact = reference_tail(copy.deepcopy(sa).double(), x.double(), residual.double())
     sa16 = copy.deepcopy(sa).to(torch.bfloat16)
     want = reference_tail(sa16, x.bfloat16(), residual.bfloat16())
-    folded = models.FoldedShuffleAttention(sa).to(torch.bfloat16)
+    folded, shuffled, rest, order = folded_inputs(sa, x.bfloat16(), residual.bfloat16(), grouped=grouped,
+                                                  channels_last=channels_last)
     with torch.no_grad():
-        got = folded.gate_residual_relu_(layout(models.channel_shuffle(x, 2).bfloat16(), channels_last),
-                                         layout(residual.bfloat16(), channels_last))
+        got = folded.gate_residual_relu_(shuffled, rest)
     assert got.dtype == torch.bfloat16
+    got = torch.empty_like(got).index_copy_(1, order, got)
     # Within bf16 rounding of the exact values, and no further from them than the reference SA in bf16.
     torch.testing.assert_close(got.double(), exact, atol=0.05, rtol=0.02)
     ref_error = float((want.double() - exact).abs().max())
@@ -133,10 +151,19 @@ def test_inference_bottleneck_requires_folded_fused_block() -> None:
 
 
 def block_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits and each block's output, in the model's channel order (an inference copy's blocks
+    may keep their stream in another order: their ``stream_order``)."""
     outputs: dict[str, Tensor] = {}
+
+    def keep(module: nn.Module, output: Tensor, name: str) -> None:
+        value = output.detach().float()
+        order = getattr(module, "stream_order", None)
+        if order is not None:
+            value = torch.empty_like(value).index_copy_(1, order, value)
+        outputs[name] = value
+
     handles = [model.get_submodule(name).register_forward_hook(
-        lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().float().clone()))
-        for name in models.bottleneck_names(model)]
+        lambda m, i, o, name=name: keep(m, o, name)) for name in models.bottleneck_names(model)]
     try:
         with torch.no_grad():
             logits = model(x)
@@ -154,6 +181,9 @@ def test_inference_copy_with_fused_sa_equals_model(channels_last: bool) -> None:
     unfused = models.inference_copy(model, channels_last=channels_last, fuse_sa=False)
     blocks = [m for m in fused.modules() if isinstance(m, models.InferenceSABottleneck)]
     assert len(blocks) == 4 and not any(isinstance(m, models.SABottleneck) for m in fused.modules())
+    # Each stage's stream has its channel-branch channels first, so their gates skip the sigmoid.
+    assert all(b.sa.channel_branch_first == b.sa.channels // 2 for b in blocks)
+    assert all(not torch.equal(b.stream_order, torch.arange(b.sa.channels)) for b in blocks)
     assert all(isinstance(m.sa, models.FoldedShuffleAttention) for m in unfused.modules()
                if isinstance(m, models.SABottleneck))
     xin = layout(x, channels_last)
