@@ -122,9 +122,12 @@ class LoadedModel:
     @bf16_check.setter
     def bf16_check(self, check: PrecisionCheck | None) -> None:
         self._bf16_check = check
-        if check is not None and not check.passed:  # auto stays in fp32: free the bf16 copy (~50 MB)
-            self._fast_model_bf16 = None  # an explicit bf16 probe makes it again
+        if check is not None and check.verdict != "bf16":  # free what auto will not use (~50 MB each)
+            self._fast_model_bf16 = None  # an explicit bf16 probe makes it again (mixed keeps its layers)
             self._compiled.pop("bf16", None)
+            if check.verdict == "fp32":
+                self._fast_model_mixed = None
+                self._compiled.pop("mixed", None)
 
     @property
     def probe_forward_model(self) -> nn.Module:

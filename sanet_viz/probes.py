@@ -183,10 +183,20 @@ class PrecisionCheck:
 
     @property
     def verdict(self) -> str:
-        """The precision ``auto`` runs the probes in after this check: bf16, mixed or fp32."""
-        if self.passed:
+        """The precision ``auto`` runs the probes in after this check: bf16, mixed or fp32.
+
+        A lower precision must pass the rule and, where the check timed it, have run faster than
+        fp32: a CPU that reports native bf16 can still run it slower (a 2-vCPU Xeon here took
+        1.4x fp32's time), and then bf16 would cost accuracy for nothing.
+        """
+        if self.passed and self._faster("bf16"):
             return "bf16"
-        return "mixed" if self.mixed is not None and self.mixed.passed else "fp32"
+        return "mixed" if self.mixed is not None and self.mixed.passed and self._faster("mixed") else "fp32"
+
+    def _faster(self, precision: str) -> bool:
+        if not self.seconds or precision not in self.seconds or "fp32" not in self.seconds:
+            return True  # not timed: the rule alone decides
+        return self.seconds[precision] < self.seconds["fp32"]
 
     def describe(self) -> str:
         """One line for logs: what was compared, what came out, what it cost, what the probes use."""

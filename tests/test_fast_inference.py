@@ -334,6 +334,10 @@ def test_verdict_of_a_check() -> None:
     assert good.verdict == "bf16" and bad.verdict == "fp32"
     assert replace(bad, mixed=good).verdict == "mixed" and replace(bad, mixed=bad).verdict == "fp32"
     assert replace(good, mixed=bad).verdict == "bf16"
+    # A lower precision must also have been faster than fp32 where the check timed it.
+    assert replace(good, seconds={"fp32": 1.0, "bf16": 1.4}).verdict == "fp32"
+    assert replace(good, seconds={"fp32": 1.0, "bf16": 0.6}).verdict == "bf16"
+    assert replace(bad, mixed=good, seconds={"fp32": 1.0, "bf16": 0.5, "mixed": 1.2}).verdict == "fp32"
     described = replace(bad, mixed=good, seconds={"fp32": 1.0, "bf16": 0.5, "mixed": 0.75}).describe()
     assert "mixed (bf16 in layer3-layer4): max |diff| 0.0010" in described
     assert described.endswith("probes run in mixed (the check cost 2.2 s: fp32 probe 1.0 s + bf16 probe 0.5 s "
@@ -384,4 +388,7 @@ def test_auto_tries_mixed_exactly_when_bf16_fails(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(probes, "BF16_MAX_ABS_DIFF", 1.0)  # everything passes: mixed is not tried
     lab = tiny_lab()
     analyze(lab, prepared(42), AnalysisOptions(precision="auto"), name="first.jpg")
-    assert all(lm.bf16_check.mixed is None and lm.bf16_check.verdict == "bf16" for lm in lab.models.values())
+    for lm in lab.models.values():
+        check = lm.bf16_check
+        assert check.mixed is None  # bf16 passed: mixed is not tried
+        assert check.verdict == ("bf16" if check.seconds["bf16"] < check.seconds["fp32"] else "fp32")

@@ -408,7 +408,7 @@ def test_auto_precision_checks_bf16_once_then_follows_the_verdict() -> None:
 
     second = analyze(lab, image, AnalysisOptions(precision="auto"))
     for key, lm in lab.models.items():
-        assert second.models[key].precision == ("bf16" if lm.bf16_check.passed else "fp32")
+        assert second.models[key].precision == lm.bf16_check.verdict
 
     # A failed check keeps auto at fp32, exactly.
     for lm in lab.models.values():
