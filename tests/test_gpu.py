@@ -46,7 +46,8 @@ def test_gpu_check_table_judges_the_default_precision_against_the_targets() -> N
     gc = _gpu_check_module()
     bench = {"median_ms": {"ours fp32": 80.0, "ours bf16": 40.0, "ours auto": 59.0},
              "stages_ms": {"ours bf16 sanet50 probe": 12.0}, "peak_gpu_mb": 900.0,
-             "precision_checks": {"sanet50": {"max_abs_diff": 0.001, "spearman": 0.99, "passed": True}}}
+             "precision_checks": {"sanet50": {"max_abs_diff": 0.001, "spearman": 0.99, "passed": True,
+                                              "verdict": "bf16"}}}
     rows = gc.analysis_rows(bench)  # type: ignore[attr-defined]
     judged = {row.check: row.passed for row in rows if row.passed is not None}
     assert judged == {"analysis, one image, both models (auto)": True}  # fp32 and bf16 are shown, not judged
