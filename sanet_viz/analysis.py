@@ -122,7 +122,7 @@ def complete_cam(lm: LoadedModel, image: PreparedImage, result: ModelResult, opt
         cam = BatchedScoreCAM(forward, batch_size=options.probe_batch_size, progress=progress,
                               device=lm.device).cam_from(x, acts, target)
     elif options.method == "ablationcam" and fast and BatchedAblationCAM.applies_to(acts):
-        tail = models.tail_after(lm.fast_model, result.cam_layer)  # type: ignore[arg-type]
+        tail = models.tail_after(lm.fast_model, result.cam_layer, reference_order=True)  # type: ignore[arg-type]
         cam = BatchedAblationCAM(lambda a: tail(a.contiguous(memory_format=torch.channels_last)).float(),
                                  progress=progress, device=lm.device).cam_from(x, acts, target)
     else:

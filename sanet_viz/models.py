@@ -389,11 +389,14 @@ def bottleneck_names(model: nn.Module) -> list[str]:
     return [name for name, _ in _iter_blocks(model)]
 
 
-def tail_after(model: nn.Module, block: str) -> Callable[[Tensor], Tensor]:
+def tail_after(model: nn.Module, block: str, *, reference_order: bool = False) -> Callable[[Tensor], Tensor]:
     """The rest of a ResNet after bottleneck ``block``: its later blocks, pooling and the classifier.
 
     ``tail_after(m, "layer4.2")(m_output_of_layer4_2)`` equals ``m(x)``'s logits. It uses the
     model's own modules, read-only: call it under ``torch.no_grad()`` on a model no one trains.
+    ``reference_order``: the features come from the model this one was copied from; an inference
+    copy keeps its residual stream permuted (:attr:`InferenceSABottleneck.stream_order`), so they
+    are put in the copy's order first.
     """
     names = bottleneck_names(model)
     if block not in names:
@@ -401,8 +404,11 @@ def tail_after(model: nn.Module, block: str) -> Callable[[Tensor], Tensor]:
     modules = dict(model.named_modules())
     rest = [modules[n] for n in names[names.index(block) + 1:]]
     pool, fc = model.avgpool, model.fc  # type: ignore[union-attr]
+    order = getattr(modules[block], "stream_order", None) if reference_order else None
 
     def run(features: Tensor) -> Tensor:
+        if order is not None:
+            features = features[:, order.to(features.device)]
         for module in rest:
             features = module(features)
         return fc(torch.flatten(pool(features), 1))

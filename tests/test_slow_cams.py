@@ -93,6 +93,18 @@ def test_tail_after_continues_the_forward(tiny: models.SAResNet, image: Prepared
         models.tail_after(tiny, "layer4.0.bn3")
 
 
+def test_tail_of_an_inference_copy_takes_the_reference_models_features(tiny: models.SAResNet,
+                                                                      image: PreparedImage) -> None:
+    fast = models.inference_copy(tiny, channels_last=False)
+    permuted = [n for n, m in fast.named_modules() if hasattr(m, "stream_order")
+                and not torch.equal(m.stream_order, torch.arange(len(m.stream_order)))]
+    assert permuted, "the copy keeps some residual stream permuted: the case under test"
+    for block in models.bottleneck_names(tiny):
+        with torch.no_grad():
+            logits = models.tail_after(fast, block, reference_order=True)(activations(tiny, block, image.tensor))
+            torch.testing.assert_close(logits, tiny(image.tensor), rtol=0, atol=1e-4)
+
+
 def loaded(model: nn.Module) -> LoadedModel:
     return LoadedModel("sanet50", "Tiny SANet", model, WeightsInfo("untrained (test)", False),
                        probe_layer="layer4.0", probe_groups=4)
