@@ -188,6 +188,13 @@ def test_browser_walkthrough(app_server: dict[str, object]) -> None:
             assert _rendered(page, "#probe-chart") and _rendered(page, "#group-grid")
             sanet_only = page.get_attribute("#probe-chart img", "src")
             one_panel = page.eval_on_selector("#probe-chart img", "img => img.naturalHeight")
+            # The analysis is complete (its last event, the slow lane's, has nothing to do): the
+            # gates chart is shown and stays (an event that yields nothing once blanked it).
+            page.get_by_role("tab", name="Across depth").click()
+            page.wait_for_selector("#gates-heatmap img", timeout=30_000)
+            page.wait_for_timeout(3000)
+            assert _rendered(page, "#gates-heatmap") and _rendered(page, "#gates-lines")
+            page.get_by_role("tab", name="SA groups").click()
             page.check("#probe-resnet input[type=checkbox]")  # the baseline's probe, on demand
             page.wait_for_function(
                 "old => { const img = document.querySelector('#probe-chart img'); "

@@ -116,7 +116,7 @@ def test_cancel_stops_a_slow_method_and_a_new_click_replaces_it(app: Any) -> Non
     merged(analyse(app, session, "scorecam"))
     out = app.cancel(session)
     assert "Cancelled" in out[p.compare.status] and out[p.controls.cancel]["visible"] is False
-    assert last(app.complete_slow(0.5, session)) == []
+    assert all(value == gr.skip() for m in last(app.complete_slow(0.5, session)) for value in m.values())
     assert session.result is not None and session.result.models["sanet50"].cam is None
     # A new analysis replaces a running one: the old run's checks now fail.
     run = session.start()
@@ -202,3 +202,17 @@ def test_faithfulness_tab_measures_both_maps_and_says_how_far_to_trust_them(app:
     assert steps[0] == "fc" and steps[-1] == "stem"
     with pytest.raises(gr.Error, match="Analyse an image first"):
         last(app.measure(0.5, Session()))
+
+
+def test_events_with_nothing_to_do_change_nothing(app: Any) -> None:
+    """Gradio turns a generator that yields nothing into None for every output, which blanks what
+    the page shows; such events say "no change" instead."""
+    session = Session()
+    analyse(app, session)
+    for messages in (list(app.complete_slow(0.5, session)), list(app.add_resnet_probe(False, 0.5, session))):
+        assert len(messages) == 1 and messages[0]
+        assert all(value == gr.skip() for value in messages[0].values())
+    before = Session()  # nothing analysed yet: moving a control changes nothing
+    for out in (app.rerender(0.3, "whole photo (crop outlined)", before), app.select_group(3, before),
+                app.resort("by score", before)):
+        assert out and all(value == gr.skip() for value in out.values())

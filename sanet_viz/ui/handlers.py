@@ -270,6 +270,9 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
 
     def complete_slow(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
         """Compute pending Score-CAM / Ablation-CAM maps, one model at a time, with progress."""
+        yield from self._at_least_one(self._complete_slow(opacity, session))
+
+    def _complete_slow(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
         if session is None or session.result is None or not self._pending(session.result):
             return
         run, result = session.run, session.result
@@ -333,6 +336,17 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
             log.exception("slow CAM failed", exc_info=error)
             raise gr.Error(f"{label} failed: {error}", print_exception=False)
         yield self._compare_views(session, opacity)
+
+    def _at_least_one(self, messages: Iterator[dict[Any, Any]]) -> Iterator[dict[Any, Any]]:
+        """``messages``, or one "no change": Gradio ends a generator that yielded nothing with None
+        for every output, which blanks views the page already shows (seen: the Across depth charts
+        after every Grad-CAM analysis, and every view after a cancelled Score-CAM)."""
+        empty = True
+        for message in messages:
+            empty = False
+            yield message
+        if empty:  # a dict must name a component to be read as updates (an empty one is one value)
+            yield {self.page.compare.status: gr.skip()}
 
     @staticmethod
     def _progress_text(label: str, state: dict[str, Any]) -> str:
@@ -448,14 +462,15 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
 
     def rerender(self, opacity: float, view: str, session: Session | None) -> dict[Any, Any]:
         """Opacity or view changed: redraw the heatmaps (typed, dragged or keyed values all apply)."""
-        if session is None:
-            return {}
-        session.view = view
-        return self._compare_views(session, opacity) if session.result is not None else {}
+        if session is not None:
+            session.view = view
+        if session is None or session.result is None:
+            return {self.page.compare.difference: gr.skip()}  # see _at_least_one: {} is not "no change"
+        return self._compare_views(session, opacity)
 
     def select_group(self, k: float | None, session: Session | None) -> dict[Any, Any]:
         if session is None or session.result is None or k is None:
-            return {}
+            return {self.page.groups.group: gr.skip()}
         session.group = int(np.clip(round(float(k)), 0, 63))
         return self._groups_views(session)
 
@@ -464,15 +479,18 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         return self.select_group(getattr(evt, "group", None), session)
 
     def resort(self, sort: str, session: Session | None) -> dict[Any, Any]:
-        if session is None:
-            return {}
-        session.sort = sort
-        if session.result is None:
-            return {}
+        if session is not None:
+            session.sort = sort
+        if session is None or session.result is None:
+            return {self.page.groups.probe: gr.skip()}
         return {self.page.groups.probe: views.probe_chart_html(session.result, sort=sort, selected=session.group)}
 
     def add_resnet_probe(self, probe_resnet: bool, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
         """The baseline's probe for the image already analysed, when the box is ticked."""
+        yield from self._at_least_one(self._add_resnet_probe(probe_resnet, opacity, session))
+
+    def _add_resnet_probe(self, probe_resnet: bool, opacity: float,
+                          session: Session | None) -> Iterator[dict[Any, Any]]:
         if not probe_resnet or session is None or session.result is None or session.image is None:
             return
         check = session.checker(session.run, self.settings.stopping)
