@@ -62,6 +62,9 @@ def shoot(url: str, out: Path) -> list[Path]:
                 for i, tab in enumerate(("Faithfulness", "Download"), start=5):
                     if page.get_by_role("tab", name=tab).count():
                         page.get_by_role("tab", name=tab).click()
+                        if tab == "Faithfulness":  # measured, as a visitor would see it after the click
+                            page.click("#faithfulness-button")
+                            page.wait_for_selector("#faithfulness-curves img", timeout=600_000)
                         page.wait_for_timeout(2500)
                         path = out / f"{name}-{i}-{tab.lower()}.png"
                         page.screenshot(path=str(path), full_page=True)
