@@ -204,8 +204,12 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         session.result = result
         check()
         status = self._slow_estimate(result, options) if slow else ""
-        yield {**self._views(session, opacity), self.page.compare.status: views.status_html(status, kind="busy"),
+        # The heatmaps first, alone (what a visitor waits for); the other tabs' views (the depth
+        # charts take half a second to draw) in the next message.
+        yield {**self._compare_views(session, opacity),
+               self.page.compare.status: views.status_html(status, kind="busy"),
                self.page.controls.cancel: gr.update(visible=slow and session.page)}
+        yield {**self._groups_views(session), **self._depth_views(session), **self._faithfulness_views(session)}
         yield from self._probes(session, ("sanet50",) + (("resnet50",) if probe_resnet else ()), check)
         if slow and session.page:
             return  # completed by complete_slow, in the slow lane
@@ -406,9 +410,12 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         sanet = result.models.get("sanet50") if result else None
         if sanet is None or not sanet.sa_gates:
             return {d.heatmap: None, d.lines: None, d.nearest: "*SANet50's SA gates appear here.*"}
-        heatmap = charts.to_image(charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates "
-                                                       "across depth"))
-        return {d.heatmap: heatmap, d.lines: charts.to_image(charts.gates_lines(sanet.sa_gates)),
+        if session.depth_charts is None or session.depth_charts[0] is not result:
+            heatmap = charts.to_image(charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates "
+                                                           "across depth"))
+            session.depth_charts = (result, heatmap, charts.to_image(charts.gates_lines(sanet.sa_gates)))
+        _, heatmap, lines = session.depth_charts
+        return {d.heatmap: heatmap, d.lines: lines,
                 d.nearest: views.nearest_view(sanet.sa_gates, self.settings.profiles)}
 
     def _final(self, session: Session, opacity: float) -> dict[Any, Any]:

@@ -4,7 +4,8 @@ visitor's analyses is current, so that a new click replaces (cancels) the one st
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..preprocessing import PreparedImage
 from ..progress import Cancelled
@@ -30,6 +31,9 @@ class Session:
     sort: str = BY_GROUP
     view: str = CROP
     faithfulness: bool = False  # measure with every analysis
+    # The depth charts of ``result`` (result, gates heatmap, gates lines): 0.5-0.9 s of drawing,
+    # done once per result rather than with every message.
+    depth_charts: tuple[Any, Any, Any] | None = field(default=None, repr=False)
 
     def start(self) -> int:
         """A new analysis replaces whatever this visitor was running (events of one visitor run
