@@ -9,6 +9,7 @@ os.environ["SANET_VIZ_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,39 @@ def tiny_sa_resnet(num_classes: int = 10, seed: int = 0) -> models.SAResNet:
     torch.manual_seed(seed)
     return randomize_sa(models.SAResNet([1, 1, 1, 1], num_classes=num_classes, sa_groups=4,
                                         planes=(8, 16, 32, 64)), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Many small forwards: one intra-op thread is steadier on a shared 2-core machine.
+    A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def block_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and each bottleneck's output (fp32), in the model's channel order (an inference
+    copy's blocks may keep their stream in another order: their ``stream_order``)."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(module: nn.Module, output: torch.Tensor, name: str) -> None:
+        value = output.detach().float()
+        order = getattr(module, "stream_order", None)
+        if order is not None:
+            value = torch.empty_like(value).index_copy_(1, order, value)
+        outputs[name] = value
+
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda m, i, o, name=name: keep(m, o, name)) for name in models.bottleneck_names(model)]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits.float(), outputs
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import calibrated_module, randomize_sa, tiny_sa_resnet
+from conftest import block_outputs, calibrated_module, randomize_sa, tiny_sa_resnet
 from test_probes import official_probe
 from torch import Tensor, nn
 
@@ -19,13 +19,7 @@ from sanet_viz.preprocessing import PreparedImage
 from sanet_viz.probes import PrecisionCheck
 from sanet_viz.weights import WeightsInfo
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sa(channels: int, groups: int, seed: int) -> models.ShuffleAttention:
@@ -148,29 +142,6 @@ def test_inference_bottleneck_requires_folded_fused_block() -> None:
 
 # ------------------------------------------------------------------------------------------
 # The whole inference copy
-
-
-def block_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Logits and each block's output, in the model's channel order (an inference copy's blocks
-    may keep their stream in another order: their ``stream_order``)."""
-    outputs: dict[str, Tensor] = {}
-
-    def keep(module: nn.Module, output: Tensor, name: str) -> None:
-        value = output.detach().float()
-        order = getattr(module, "stream_order", None)
-        if order is not None:
-            value = torch.empty_like(value).index_copy_(1, order, value)
-        outputs[name] = value
-
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda m, i, o, name=name: keep(m, o, name)) for name in models.bottleneck_names(model)]
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return logits.float(), outputs
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import randomize_sa, tiny_sa_resnet
+from conftest import block_outputs, randomize_sa, tiny_sa_resnet
 from torch import Tensor, nn
 from torchvision.models import resnet50 as tv_resnet50
 
@@ -191,22 +191,6 @@ def test_gates_agree_with_forward_and_reference() -> None:
 
 # ------------------------------------------------------------------------------------------
 # Folding the channel shuffle
-
-
-def block_outputs(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    outputs: dict[str, Tensor] = {}
-    handles = []
-    for name in models.bottleneck_names(model):
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_hook(
-            lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().clone())))
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outputs
 
 
 def sa_gate_values(model: nn.Module, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

@@ -29,14 +29,7 @@ SIZE = 64  # input side for the tiny models: 2x2 maps at layer4
 PROBE_G = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny models run hundreds of small forwards: one intra-op thread is faster and, on a shared
-    2-core machine, far steadier than two threads waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,12 +25,7 @@ from sanet_viz.weights import WeightsInfo
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

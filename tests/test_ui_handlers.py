@@ -11,7 +11,6 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import pytest
-import torch
 from conftest import EXAMPLES, tiny_sa_resnet
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -23,12 +22,7 @@ from sanet_viz.weights import WeightsInfo
 LAYER = "layer4.0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lab(*, constant_gates: bool = False) -> Lab:
