@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import COMPILE_HELP, add_faithfulness_args, add_model_args, error, load_lab, prepared_images, warn
+from .common import (
+    AUTO_PRECISION_HELP,
+    COMPILE_HELP,
+    add_faithfulness_args,
+    add_model_args,
+    error,
+    load_lab,
+    prepared_images,
+    warn,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -25,9 +34,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     a.add_argument("--layer", help="CAM target layer: module name (layer3.5) or paper name (SA_4_6); "
                    "default layer4.2 = SA_5_3")
     a.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
-                   help="probe precision; auto: bf16 where the hardware runs it natively, once a check on the "
-                        "first image shows bf16 within 0.02 of fp32 with the group ranking kept, else mixed "
-                        "(bf16 in layer3-layer4 only) if that passes the same check, else fp32 (CAM is fp32)")
+                   help=f"probe precision; {AUTO_PRECISION_HELP} (CAM is fp32)")
     a.add_argument("--no-probe", action="store_true", help="skip the 64-group probes")
     a.add_argument("--probe-batch-size", type=int, default=16)
     a.add_argument("--compile", action="store_true", help=COMPILE_HELP)

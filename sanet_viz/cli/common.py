@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 __all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images",
            "usage_error", "add_faithfulness_args"]
 
+AUTO_PRECISION_HELP = ("auto: per model, bf16 where the hardware runs it natively, once a check on the first image "
+                       "shows bf16 within 0.02 of fp32 with the group ranking kept and faster than fp32; else mixed "
+                       "(bf16 in layer3-layer4 only) if it passes the same check; else fp32")
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
                 "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
                 "many images only; on the CPU it needs a C++ compiler (g++)")

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .common import COMPILE_HELP, add_faithfulness_args, add_model_args, error, usage_error, warn
+from .common import AUTO_PRECISION_HELP, COMPILE_HELP, add_faithfulness_args, add_model_args, error, usage_error, warn
 
 __all__ = ["add_parser", "run", "exit_status"]
 
@@ -43,10 +43,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="masked inputs per forward (default 256 on a GPU, 32 on the CPU)")
     p.add_argument("--workers", type=int, help="data loader processes per rank (default 4 on a GPU, 1 on the CPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
-                   help="of the 64 masked forwards; auto: per model, bf16 where the hardware runs it natively "
-                        "and a check on the first image shows bf16 within 0.02 of fp32 with the group ranking "
-                        "kept, else mixed (bf16 in layer3-layer4) if it passes that check, else fp32. The "
-                        "unmasked forward (top-1, gates) is always fp32")
+                   help=f"of the 64 masked forwards; {AUTO_PRECISION_HELP}. The unmasked forward (top-1, gates) "
+                        "is always fp32")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--models", default="resnet50,sanet50", help="comma-separated subset of resnet50,sanet50")
     p.add_argument("--no-probe", action="store_true", help="skip the group probe (top-1 and SA profiles only)")
