@@ -116,7 +116,7 @@ def test_api_analyze_returns_the_result_contract(app_server: dict[str, object]) 
                                             "layer4.2", 0.5, True, api_name="/analyze"))
     assert {m["target_class"] for m in explained["models"].values()} == {281}  # type: ignore[union-attr]
     for model in explained["models"].values():  # type: ignore[union-attr]
-        assert len(model["group_probe"]["scores"]) == 64 and model["probe_precision"] in {"fp32", "bf16"}
+        assert len(model["group_probe"]["scores"]) == 64 and model["probe_precision"] in {"fp32", "mixed", "bf16"}
 
 
 @pytest.mark.slow
