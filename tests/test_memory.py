@@ -59,6 +59,17 @@ def test_a_failed_bf16_check_frees_the_bf16_copy_and_bf16_still_works() -> None:
     assert next(again.parameters()).dtype == torch.bfloat16
 
 
+def test_a_slower_bf16_is_freed_too_and_mixed_is_kept_only_when_chosen() -> None:
+    lm = tiny_lab().models["resnet50"]
+    lm.probe_model_for("mixed")  # makes the bf16 copy and the mixed model over it
+    lm.bf16_check = PrecisionCheck("x.jpg", 0.3, 0.1, seconds={"fp32": 1.0, "bf16": 0.5, "mixed": 0.8},
+                                   mixed=PrecisionCheck("x.jpg", 0.001, 0.99))  # mixed chosen
+    assert lm.bf16_check.verdict == "mixed" and lm._fast_model_mixed is not None
+    lm.bf16_check = PrecisionCheck("x.jpg", 0.001, 0.99, seconds={"fp32": 1.0, "bf16": 1.4})  # passed, slower
+    assert lm.bf16_check.verdict == "fp32"
+    assert lm._fast_model_bf16 is None and lm._fast_model_mixed is None
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_release_memory_trims_on_glibc() -> None:
     assert memory.release_memory() is True
