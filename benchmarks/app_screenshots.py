@@ -19,7 +19,7 @@ WIDTHS = {"desktop": (1400, 1000), "phone": (390, 844)}
 
 
 def shoot(url: str, out: Path) -> list[Path]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Page, sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -29,25 +29,26 @@ def shoot(url: str, out: Path) -> list[Path]:
         try:
             for name, (width, height) in WIDTHS.items():
                 page = browser.new_page(viewport={"width": width, "height": height})
+
+                def snap(file: str, *, full_page: bool = True, page: Page = page) -> None:
+                    page.screenshot(path=str(out / file), full_page=full_page)
+                    written.append(out / file)
+
                 page.goto(url)
                 page.wait_for_selector("#analyse-button", timeout=120_000)
-                page.screenshot(path=str(out / f"{name}-0-start.png"))
-                written.append(out / f"{name}-0-start.png")
+                snap(f"{name}-0-start.png", full_page=False)
                 page.set_input_files("#image-input input[type=file]", str(EXAMPLES / "chelsea.jpg"))
                 page.wait_for_selector("#image-input img", timeout=30_000)
                 page.click("#analyse-button")
                 page.wait_for_selector("#overlay-sanet50 img", timeout=180_000)
                 page.wait_for_timeout(1500)
-                page.screenshot(path=str(out / f"{name}-1-compare.png"))  # what a visitor sees first
-                written.append(out / f"{name}-1-compare.png")
+                snap(f"{name}-1-compare.png", full_page=False)  # what a visitor sees first
                 for i, (tab, ready) in enumerate((("SA groups", "#probe-chart img"),
                                                   ("Across depth", "#gates-heatmap img")), start=2):
                     page.get_by_role("tab", name=tab).click()
                     page.wait_for_selector(ready, timeout=180_000)
                     page.wait_for_timeout(1500)
-                    path = out / f"{name}-{i}-{tab.lower().replace(' ', '-')}.png"
-                    page.screenshot(path=str(path), full_page=True)
-                    written.append(path)
+                    snap(f"{name}-{i}-{tab.lower().replace(' ', '-')}.png")
                 page.get_by_role("tab", name="Class correlation").click()
                 page.set_input_files("#correlation-files input[type=file]",
                                      [str(EXAMPLES / n) for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")])
@@ -56,9 +57,7 @@ def shoot(url: str, out: Path) -> list[Path]:
                 page.click("#correlate-button")
                 page.wait_for_selector("#correlation-depth img", timeout=180_000)
                 page.wait_for_timeout(1500)
-                path = out / f"{name}-4-class-correlation.png"
-                page.screenshot(path=str(path), full_page=True)
-                written.append(path)
+                snap(f"{name}-4-class-correlation.png")
                 for i, tab in enumerate(("Faithfulness", "Download"), start=5):
                     if page.get_by_role("tab", name=tab).count():
                         page.get_by_role("tab", name=tab).click()
@@ -66,9 +65,7 @@ def shoot(url: str, out: Path) -> list[Path]:
                             page.click("#faithfulness-button")
                             page.wait_for_selector("#faithfulness-curves img", timeout=600_000)
                         page.wait_for_timeout(2500)
-                        path = out / f"{name}-{i}-{tab.lower()}.png"
-                        page.screenshot(path=str(path), full_page=True)
-                        written.append(path)
+                        snap(f"{name}-{i}-{tab.lower()}.png")
                 page.close()
         finally:
             browser.close()

@@ -10,6 +10,7 @@ from typing import Any
 from .common import (
     AUTO_PRECISION_HELP,
     COMPILE_HELP,
+    add_cam_args,
     add_faithfulness_args,
     add_model_args,
     error,
@@ -22,17 +23,12 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from ..cam import CAM_METHODS
 
     a = sub.add_parser("analyze", help="analyse images with ResNet50 and SANet50")
     a.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     a.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per image)")
     add_model_args(a)
-    a.add_argument("--method", default="gradcam", choices=list(CAM_METHODS))
-    a.add_argument("--target-class", type=int, help="ImageNet index to explain in both models "
-                   "(default: each model's top-1)")
-    a.add_argument("--layer", help="CAM target layer: module name (layer3.5) or paper name (SA_4_6); "
-                   "default layer4.2 = SA_5_3")
+    add_cam_args(a)
     a.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
                    help=f"probe precision; {AUTO_PRECISION_HELP} (CAM is fp32)")
     a.add_argument("--no-probe", action="store_true", help="skip the 64-group probes")

@@ -29,6 +29,17 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
 
 
+def add_cam_args(p: argparse.ArgumentParser) -> None:
+    """--method, --target-class and --layer: what a CAM explains, and where."""
+    from ..cam import CAM_METHODS
+
+    p.add_argument("--method", default="gradcam", choices=list(CAM_METHODS))
+    p.add_argument("--target-class", type=int, help="ImageNet index to explain in both models "
+                   "(default: each model's top-1)")
+    p.add_argument("--layer", help="CAM target layer: module name (layer3.5) or paper name (SA_4_6); "
+                   "default layer4.2 = SA_5_3")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
     """--resnet50/--sanet50 SPEC, --weights-dir, --device, --require-pretrained.
 

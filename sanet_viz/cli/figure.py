@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_args, error, load_lab, prepared_images, warn
+from .common import add_cam_args, add_model_args, error, load_lab, prepared_images, warn
 
 __all__ = ["add_parser", "run"]
 
@@ -18,7 +18,6 @@ _COLUMNS_HELP = ("comma-separated columns from input, resnet50, sanet50, differe
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from ..cam import CAM_METHODS
 
     f = sub.add_parser("figure", help="one comparison figure of several images (rows) for slides and papers",
                        description="Rows are images; columns the input (the 224x224 centre crop the models "
@@ -32,11 +31,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     f.add_argument("--dpi", type=int, default=200, help="resolution of PNG output (default 200)")
     f.add_argument("--opacity", type=float, default=0.5, help="of the maps over the image (0-1, default 0.5)")
     add_model_args(f)
-    f.add_argument("--method", default="gradcam", choices=list(CAM_METHODS))
-    f.add_argument("--target-class", type=int, help="ImageNet index to explain in both models "
-                   "(default: each model's top-1)")
-    f.add_argument("--layer", help="CAM target layer: module name (layer3.5) or paper name (SA_4_6); "
-                   "default layer4.2 = SA_5_3")
+    add_cam_args(f)
     f.set_defaults(run=run)
     return f
 
