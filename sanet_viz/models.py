@@ -111,9 +111,10 @@ class FoldedShuffleAttention(nn.Module):
         p = torch.arange(c)
         j = p % half
         branch = (p // half) % 2
-        cw, cb = sa.cweight.detach().flatten(), sa.cbias.detach().flatten()
-        sw, sb = sa.sweight.detach().flatten(), sa.sbias.detach().flatten()
-        gw, gb = sa.gn.weight.detach().flatten(), sa.gn.bias.detach().flatten()
+        # Built on the CPU beside the index tensors; the caller moves the module to the model's device.
+        cw, cb = (t.detach().cpu().flatten() for t in (sa.cweight, sa.cbias))
+        sw, sb = (t.detach().cpu().flatten() for t in (sa.sweight, sa.sbias))
+        gw, gb = (t.detach().cpu().flatten() for t in (sa.gn.weight, sa.gn.bias))
         is_spatial = branch.bool()
         w_mean = torch.where(is_spatial, torch.zeros(()), cw[j])  # multiplies the channel mean
         w_norm = torch.where(is_spatial, sw[j] * gw[j], torch.zeros(()))  # multiplies (x-mu)*rstd
