@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -156,7 +157,9 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     precision = lm.probe_precision(options.precision)
     if precision == "check":
         scores, preds = run("fp32")
-        lm.bf16_check = _check_precisions(scores[0], run, name, fp32_seconds=time.perf_counter() - t)
+        lm.bf16_check = _check_precisions(
+            scores[0], run, name, fp32_seconds=time.perf_counter() - t,
+            timing=lambda precisions: lm.probe_batch_ms(x, maps, precisions, batch_size=options.probe_batch_size))
         precision = "fp32"
     else:
         scores, preds = run(precision)
@@ -168,19 +171,21 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
 
 
 def _check_precisions(fp32: Tensor, run: Callable[[str], tuple[Tensor, Tensor]], name: str, *,
-                      fp32_seconds: float) -> PrecisionCheck:
-    """bf16 against the fp32 scores, and mixed precision where bf16 fails the rule."""
+                      fp32_seconds: float, timing: Callable[[list[str]], dict[str, float]]) -> PrecisionCheck:
+    """bf16 against the fp32 scores, and mixed precision where bf16 fails the rule; then the
+    precisions that passed are timed against fp32 in turns (``timing``), for the speed rule."""
     seconds = {"fp32": fp32_seconds}
     t = time.perf_counter()
     bf16 = run("bf16")[0][0]
     seconds["bf16"] = time.perf_counter() - t
     check = PrecisionCheck.compare(fp32, bf16, name, seconds=seconds)
-    if check.passed:
-        return check
-    t = time.perf_counter()
-    mixed = PrecisionCheck.compare(fp32, run("mixed")[0][0], name)
-    seconds["mixed"] = time.perf_counter() - t
-    return PrecisionCheck.compare(fp32, bf16, name, seconds=seconds, mixed=mixed)
+    if not check.passed:
+        t = time.perf_counter()
+        mixed = PrecisionCheck.compare(fp32, run("mixed")[0][0], name)
+        seconds["mixed"] = time.perf_counter() - t
+        check = PrecisionCheck.compare(fp32, bf16, name, seconds=seconds, mixed=mixed)
+    candidates = check.candidates()
+    return replace(check, timing_ms=timing(["fp32", *candidates])) if candidates else check
 
 
 def _wants_probe(options: AnalysisOptions, key: str) -> bool:

@@ -5,6 +5,7 @@ copies and its lock) and :class:`Lab` (all of them, loaded once), with device an
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import threading
 import time
@@ -18,7 +19,14 @@ from torch import Tensor, nn
 from . import models
 from .hooks import resolve_module
 from .preprocessing import DEFAULT_LIMITS, DecodeLimits, ImageInput, PreparedImage, load_and_prepare
-from .probes import PROBE_GROUPS, PrecisionCheck, probe_scores
+from .probes import (
+    PROBE_GROUPS,
+    PrecisionCheck,
+    best_interleaved_ms,
+    forward_logits,
+    probe_masks,
+    probe_scores,
+)
 from .weights import IMAGENET_CATEGORIES, IMAGENET_EVAL, MODEL_SPECS, EvalTransform, WeightsInfo, build_model
 
 __all__ = ["LoadedModel", "Lab", "PROBE_LAYER", "resolve_device", "bf16_supported", "resolve_precision",
@@ -195,6 +203,17 @@ class LoadedModel:
         """Masked-forward scores and predictions (N, G) at ``precision`` (fp32/bf16); hold ``lock``."""
         return probe_scores(self.probe_model_for(precision), x, maps, classes, batch_size=batch_size,
                             precision=precision, channels_last=self.fast_model is not None)
+
+    def probe_batch_ms(self, x: Tensor, maps: Tensor, precisions: Sequence[str], *,
+                       batch_size: int) -> dict[str, float]:
+        """Best-of-3 milliseconds of one batch of the probe's masked forwards at each precision,
+        timed in turns (:func:`probes.best_interleaved_ms`): the speed rule's measure; hold ``lock``."""
+        masks = probe_masks(maps[:1, :batch_size].to(x.device), tuple(x.shape[-2:]))[0]
+        batch = x[:1] * masks.unsqueeze(1).to(x.dtype)
+        channels_last = self.fast_model is not None
+        runs = {p: functools.partial(forward_logits, self.probe_model_for(p), batch, precision=p,
+                                     channels_last=channels_last) for p in precisions}
+        return best_interleaved_ms(runs, device=self.device)
 
 
 def _output_count(model: nn.Module) -> int | None:

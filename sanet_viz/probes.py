@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["group_maps", "probe_masks", "forward_logits", "masked_scores", "probe_scores", "GroupProbe",
-           "PrecisionCheck", "autocast_for", "spearman", "PROBE_GROUPS"]
+           "PrecisionCheck", "autocast_for", "spearman", "best_interleaved_ms", "PROBE_GROUPS", "SPEED_MARGIN"]
 
 PROBE_GROUPS = 64
 # The rule for running the probe in bf16 by default (issue 4): every score within this of fp32,
 # and the ranking of the groups kept (Spearman correlation at least this).
 BF16_MAX_ABS_DIFF = 0.02
 BF16_MIN_SPEARMAN = 0.95
+# A lower precision is used only if it ran at most this fraction of fp32's time in the check:
+# near parity, timing noise would flip the choice from one run to the next (issue 19).
+SPEED_MARGIN = 0.9
+# Within this of the margin a ratio is "close": the log says another run may choose otherwise.
+SPEED_MARGIN_BAND = 0.05
 
 
 def group_maps(features: Tensor, groups: int = PROBE_GROUPS) -> Tensor:
@@ -152,6 +158,26 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
+def best_interleaved_ms(runs: Mapping[str, Callable[[], object]], *, rounds: int = 3,
+                        device: torch.device | None = None) -> dict[str, float]:
+    """Best-of-``rounds`` milliseconds of each callable, run in turns (a, b, a, b, ...).
+
+    Turns give every candidate the same share of whatever else the machine is doing, and the
+    minimum drops the rounds that another process slowed down: the ratio of two such numbers is
+    what the speed rule of :class:`PrecisionCheck` compares.
+    """
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
+
+
 @dataclass(frozen=True)
 class PrecisionCheck:
     """bf16 against fp32 probe scores of one model on one image, and, where bf16 failed, the
@@ -169,12 +195,16 @@ class PrecisionCheck:
     # What the check cost: seconds of each probe it ran ("fp32", "bf16", "mixed"); None: not measured.
     seconds: Mapping[str, float] | None = None
     mixed: PrecisionCheck | None = None  # mixed precision against fp32, tried when bf16 failed
+    # The speed rule's measure: best-of-3 milliseconds of one batch of masked forwards per
+    # precision, timed in turns after the probes (:func:`best_interleaved_ms`). None: the rule
+    # falls back to ``seconds``, the probes' own first-call timings.
+    timing_ms: Mapping[str, float] | None = None
 
     @classmethod
     def compare(cls, fp32: Tensor, bf16: Tensor, image: str, *, seconds: Mapping[str, float] | None = None,
-                mixed: PrecisionCheck | None = None) -> PrecisionCheck:
+                mixed: PrecisionCheck | None = None, timing_ms: Mapping[str, float] | None = None) -> PrecisionCheck:
         return cls(image, float((fp32.double() - bf16.double()).abs().max()), spearman(fp32.flatten(), bf16.flatten()),
-                   seconds, mixed)
+                   seconds, mixed, timing_ms)
 
     @property
     def passed(self) -> bool:
@@ -185,30 +215,50 @@ class PrecisionCheck:
     def verdict(self) -> str:
         """The precision ``auto`` runs the probes in after this check: bf16, mixed or fp32.
 
-        A lower precision must pass the rule and, where the check timed it, have run faster than
-        fp32: a CPU that reports native bf16 can still run it slower (a 2-vCPU Xeon here took
-        1.4x fp32's time), and then bf16 would cost accuracy for nothing.
+        A lower precision must pass the rule and, where the check timed it, have run in at most
+        :data:`SPEED_MARGIN` of fp32's time: a CPU that reports native bf16 can still run it
+        slower (a 2-vCPU Xeon here took 1.4x fp32's time), and then bf16 would cost accuracy for
+        nothing; near parity the margin keeps timing noise from flipping the choice.
         """
-        if self.passed and self._faster("bf16"):
+        if self.passed and self._fast_enough("bf16"):
             return "bf16"
-        return "mixed" if self.mixed is not None and self.mixed.passed and self._faster("mixed") else "fp32"
+        return "mixed" if self.mixed is not None and self.mixed.passed and self._fast_enough("mixed") else "fp32"
 
-    def _faster(self, precision: str) -> bool:
-        if not self.seconds or precision not in self.seconds or "fp32" not in self.seconds:
-            return True  # not timed: the rule alone decides
-        return self.seconds[precision] < self.seconds["fp32"]
+    def speed_ratio(self, precision: str) -> float | None:
+        """``precision``'s time over fp32's in the check (timing_ms, else seconds); None: not timed."""
+        times = self.timing_ms or self.seconds
+        if not times or precision not in times or not times.get("fp32"):
+            return None
+        return times[precision] / times["fp32"]
+
+    def _fast_enough(self, precision: str) -> bool:
+        ratio = self.speed_ratio(precision)
+        return ratio is None or ratio <= SPEED_MARGIN  # not timed: the accuracy rule alone decides
+
+    def candidates(self) -> list[str]:
+        """The lower precisions that passed the accuracy rule (so their speed decides)."""
+        return [p for p, ok in (("bf16", self.passed), ("mixed", self.mixed is not None and self.mixed.passed)) if ok]
 
     def describe(self) -> str:
-        """One line for logs: what was compared, what came out, what it cost, what the probes use."""
+        """One line for logs: what was compared, what came out, the speed ratios the choice rests
+        on, what it cost, and whether another run could choose otherwise."""
         line = (f"bf16 checked against fp32 on {self.image}: max |diff| {self.max_abs_diff:.4f}, Spearman "
                 f"{self.spearman:.3f}")
         if self.mixed is not None:
             line += (f"; mixed (bf16 in layer3-layer4): max |diff| {self.mixed.max_abs_diff:.4f}, Spearman "
                      f"{self.mixed.spearman:.3f}")
+        ratios = {p: r for p in self.candidates() if (r := self.speed_ratio(p)) is not None}
+        if self.timing_ms and ratios:
+            line += "; speed (best of 3 batches, in turns): " + ", ".join(
+                f"{p} at {r:.2f}x fp32's time" for p, r in ratios.items()) + f" (kept only at <= {SPEED_MARGIN:g}x)"
         line += f": probes run in {self.verdict}"
         if self.seconds:
             line += (f" (the check cost {sum(self.seconds.values()):.1f} s: "
                      + " + ".join(f"{k} probe {v:.1f} s" for k, v in self.seconds.items()) + ")")
+        close = [p for p, r in ratios.items() if abs(r - SPEED_MARGIN) <= SPEED_MARGIN_BAND]
+        if close:
+            line += (f"; note: {' and '.join(close)} within {SPEED_MARGIN_BAND:g} of the speed margin, so a run on "
+                     "a busier or quieter machine may choose otherwise (fix the choice with --precision)")
         return line
 
     def to_dict(self) -> dict[str, object]:
@@ -218,4 +268,6 @@ class PrecisionCheck:
                                                f"Spearman >= {BF16_MIN_SPEARMAN}",
                 "verdict": self.verdict,
                 "mixed": None if self.mixed is None else self.mixed.to_dict(),
-                "seconds": None if self.seconds is None else {k: round(v, 3) for k, v in self.seconds.items()}}
+                "seconds": None if self.seconds is None else {k: round(v, 3) for k, v in self.seconds.items()},
+                "timing_ms": None if self.timing_ms is None else {k: round(v, 2) for k, v in self.timing_ms.items()},
+                "speed_rule": f"a lower precision only at <= {SPEED_MARGIN:g}x fp32's time"}

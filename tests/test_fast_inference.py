@@ -16,7 +16,7 @@ from sanet_viz import models
 from sanet_viz.analysis import AnalysisOptions, analyze
 from sanet_viz.lab import Lab, LoadedModel, bf16_supported
 from sanet_viz.preprocessing import PreparedImage
-from sanet_viz.probes import PrecisionCheck
+from sanet_viz.probes import SPEED_MARGIN, PrecisionCheck, best_interleaved_ms
 from sanet_viz.weights import WeightsInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -317,6 +317,43 @@ def test_verdict_of_a_check() -> None:
     assert data["passed"] is False and data["verdict"] == "mixed" and data["mixed"]["passed"] is True
 
 
+def test_a_lower_precision_needs_a_ten_percent_margin_and_the_log_says_when_it_is_close() -> None:
+    good, bad = PrecisionCheck("x.jpg", 0.001, 0.99), PrecisionCheck("x.jpg", 0.05, 0.8)
+    # The turns' timings decide when there are some; the probes' own first-call seconds do not.
+    timed = replace(good, seconds={"fp32": 1.0, "bf16": 0.5}, timing_ms={"fp32": 100.0, "bf16": 95.0})
+    assert timed.speed_ratio("bf16") == pytest.approx(0.95) and timed.verdict == "fp32"  # faster, but < 10%
+    assert replace(timed, timing_ms={"fp32": 100.0, "bf16": 90.0}).verdict == "bf16"  # exactly the margin
+    assert replace(good, seconds={"fp32": 1.0, "bf16": 0.93}).verdict == "fp32"  # untimed: seconds, same margin
+    line = timed.describe()
+    assert "bf16 at 0.95x fp32's time (kept only at <= 0.9x)" in line and "probes run in fp32" in line
+    assert "may choose otherwise" in line  # 0.95 is within 0.05 of the margin
+    far = replace(timed, timing_ms={"fp32": 100.0, "bf16": 140.0})
+    assert "bf16 at 1.40x" in far.describe() and "may choose otherwise" not in far.describe()
+    mixed = replace(bad, mixed=good, timing_ms={"fp32": 100.0, "mixed": 70.0})
+    assert mixed.verdict == "mixed" and mixed.candidates() == ["mixed"]
+    assert mixed.to_dict()["timing_ms"] == {"fp32": 100.0, "mixed": 70.0}
+    assert "0.9x" in mixed.to_dict()["speed_rule"]
+
+
+def test_best_interleaved_ms_runs_in_turns_and_keeps_the_minimum(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from sanet_viz import probes
+
+    clock = [0.0]  # a fake clock: each run advances it by its planned duration (no wall time in tests)
+    monkeypatch.setattr(probes, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    order: list[str] = []
+    durations = {"a": iter([0.030, 0.010, 0.020]), "b": iter([0.004, 0.020, 0.005])}
+
+    def run(name: str) -> None:
+        order.append(name)
+        clock[0] += next(durations[name])
+
+    best = best_interleaved_ms({"a": lambda: run("a"), "b": lambda: run("b")}, rounds=3)
+    assert order == ["a", "b"] * 3
+    assert best == {"a": pytest.approx(10.0), "b": pytest.approx(4.0)}
+
+
 def test_auto_follows_a_mixed_verdict_and_mixed_stays_close_to_fp32(calibrated_lab: Lab) -> None:
     import numpy as np
 
@@ -362,4 +399,6 @@ def test_auto_tries_mixed_exactly_when_bf16_fails(monkeypatch: pytest.MonkeyPatc
     for lm in lab.models.values():
         check = lm.bf16_check
         assert check.mixed is None  # bf16 passed: mixed is not tried
-        assert check.verdict == ("bf16" if check.seconds["bf16"] < check.seconds["fp32"] else "fp32")
+        # The speed rule (issue 19): bf16 kept only at <= SPEED_MARGIN of fp32's time in the check's turns.
+        assert set(check.timing_ms) == {"fp32", "bf16"}
+        assert check.verdict == ("bf16" if check.speed_ratio("bf16") <= SPEED_MARGIN else "fp32")

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
-    AUTO_PRECISION_HELP,
     COMPILE_HELP,
     add_cam_args,
     add_faithfulness_args,
     add_model_args,
+    add_precision_arg,
     error,
     load_lab,
     prepared_images,
@@ -29,8 +29,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per image)")
     add_model_args(a)
     add_cam_args(a)
-    a.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
-                   help=f"probe precision; {AUTO_PRECISION_HELP} (CAM is fp32)")
+    add_precision_arg(a, of="probe precision (CAM is fp32)")
     a.add_argument("--no-probe", action="store_true", help="skip the 64-group probes")
     a.add_argument("--probe-batch-size", type=int, default=16)
     a.add_argument("--compile", action="store_true", help=COMPILE_HELP)

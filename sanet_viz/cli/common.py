@@ -14,12 +14,14 @@ if TYPE_CHECKING:
     from ..lab import Lab
     from ..preprocessing import PreparedImage
 
-__all__ = ["add_model_args", "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images",
+__all__ = ["add_model_args", "add_precision_arg", "PRECISIONS",
+           "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images",
            "usage_error", "add_faithfulness_args"]
 
 AUTO_PRECISION_HELP = ("auto: per model, bf16 where the hardware runs it natively, once a check on the first image "
-                       "shows bf16 within 0.02 of fp32 with the group ranking kept and faster than fp32; else mixed "
-                       "(bf16 in layer3-layer4 only) if it passes the same check; else fp32")
+                       "shows bf16 within 0.02 of fp32 with the group ranking kept and at most 0.9x fp32's time; else "
+                       "mixed (bf16 in layer3-layer4 only) if it passes the same check; else fp32")
+PRECISIONS = ("auto", "fp32", "mixed", "bf16")
 COMPILE_HELP = ("torch.compile the probe's masked-forward models (inductor, frozen weights): on a 2-core CPU "
                 "10-15%% faster probes after tens of seconds of compiling per precision, so it pays over "
                 "many images only; on the CPU it needs a C++ compiler (g++)")
@@ -65,6 +67,15 @@ def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> Non
     p.add_argument("--require-pretrained", action="store_true",
                    default=default(env_flag("SANET_VIZ_REQUIRE_PRETRAINED")),
                    help="fail instead of running a model with untrained weights ($SANET_VIZ_REQUIRE_PRETRAINED=1)")
+
+
+def add_precision_arg(p: argparse.ArgumentParser, *, of: str) -> None:
+    """--precision {auto,fp32,mixed,bf16} of ``of``, defaulting to $SANET_VIZ_PRECISION, else auto."""
+    default = os.environ.get("SANET_VIZ_PRECISION", "").strip().lower() or "auto"
+    if default not in PRECISIONS:
+        raise SystemExit(f"$SANET_VIZ_PRECISION must be one of {', '.join(PRECISIONS)}, got {default!r}")
+    p.add_argument("--precision", default=default, choices=list(PRECISIONS),
+                   help=f"{of}; {AUTO_PRECISION_HELP} ($SANET_VIZ_PRECISION; default {default})")
 
 
 def add_faithfulness_args(p: argparse.ArgumentParser, *, randomization: bool) -> None:

@@ -14,7 +14,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .common import AUTO_PRECISION_HELP, COMPILE_HELP, add_faithfulness_args, add_model_args, error, usage_error, warn
+from .common import (
+    COMPILE_HELP,
+    add_faithfulness_args,
+    add_model_args,
+    add_precision_arg,
+    error,
+    usage_error,
+    warn,
+)
 
 __all__ = ["add_parser", "run", "exit_status"]
 
@@ -42,9 +50,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--probe-batch-size", type=int,
                    help="masked inputs per forward (default 256 on a GPU, 32 on the CPU)")
     p.add_argument("--workers", type=int, help="data loader processes per rank (default 4 on a GPU, 1 on the CPU)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "mixed", "bf16"],
-                   help=f"of the 64 masked forwards; {AUTO_PRECISION_HELP}. The unmasked forward (top-1, gates) "
-                        "is always fp32")
+    add_precision_arg(p, of="of the 64 masked forwards (the unmasked forward: top-1, gates, is always fp32)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--models", default="resnet50,sanet50", help="comma-separated subset of resnet50,sanet50")
     p.add_argument("--no-probe", action="store_true", help="skip the group probe (top-1 and SA profiles only)")

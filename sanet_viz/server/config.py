@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli.common import add_model_args
+from ..cli.common import add_model_args, add_precision_arg
 from ..limits import LIMITS
 
 __all__ = ["parse_args", "add_limit_args"]
@@ -31,6 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(env("SANET_VIZ_PORT", env("PORT", "7860"))),
                    help="port ($SANET_VIZ_PORT)")
     add_model_args(p)
+    add_precision_arg(p, of="of the probe's masked forwards; fp32 skips auto's check at start-up")
     add_limit_args(p)
     p.add_argument("--profiles", type=Path, default=env("SANET_VIZ_PROFILES") or None,
                    help="profiles.npz from `python -m sanet_viz reproduce`: show each image's nearest "

@@ -43,7 +43,7 @@ def check_paths(args: argparse.Namespace) -> None:
             raise SystemExit(f"GRADIO_TEMP_DIR={temp} would serve {private} to visitors; choose another folder")
 
 
-def warm_up(lab: Lab, image_path: Path = WARM_UP_IMAGE) -> None:
+def warm_up(lab: Lab, image_path: Path = WARM_UP_IMAGE, *, precision: str = "auto") -> None:
     """One full analysis before the first visitor.
 
     First-call costs (allocations, oneDNN kernel choices, the bf16 copies) are paid here, and
@@ -54,9 +54,12 @@ def warm_up(lab: Lab, image_path: Path = WARM_UP_IMAGE) -> None:
         log.warning("warm-up skipped: %s is missing; the first visitor pays the first-call costs", image_path)
         return
     start = time.perf_counter()
-    analyze(lab, lab.prepare(image_path), AnalysisOptions(), name=image_path.name)
+    analyze(lab, lab.prepare(image_path), AnalysisOptions(precision=precision), name=image_path.name)
     for lm in lab.models.values():
-        log.info("%s: %s", lm.display_name, lm.bf16_check.describe() if lm.bf16_check else "probes run in fp32")
+        if precision != "auto":
+            log.info("%s: probes run in %s (--precision)", lm.display_name, precision)
+        else:
+            log.info("%s: %s", lm.display_name, lm.bf16_check.describe() if lm.bf16_check else "probes run in fp32")
     log.info("warm-up analysis done in %.1f s", time.perf_counter() - start)
 
 
@@ -66,7 +69,7 @@ def create_demo(args: argparse.Namespace) -> gr.Blocks:
     check_paths(args)
     lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=args.device,
                    weights_dir=args.weights_dir, require_pretrained=args.require_pretrained, log=log.info)
-    warm_up(lab)
+    warm_up(lab, precision=args.precision)
     profiles = None
     if args.profiles:
         from ..profiles import load_profiles
@@ -75,7 +78,8 @@ def create_demo(args: argparse.Namespace) -> gr.Blocks:
         log.info("profiles: %d classes from %d images (%s)", len(profiles.classes), profiles.images, args.profiles)
     settings = AppSettings(limits=DecodeLimits(max_pixels=args.max_pixels, max_bytes=args.max_file_size),
                            cache_ttl_s=args.cache_ttl, output_ttl_s=args.cache_ttl,
-                           concurrency=args.concurrency, profiles=profiles, stopping=shutdown.stopping)
+                           concurrency=args.concurrency, profiles=profiles, stopping=shutdown.stopping,
+                           precision=args.precision)
     demo = build_demo(lab, settings)
     if os.environ.get("SANET_VIZ_DEBUG_STATS", "") in {"1", "true"}:
         log.warning("SANET_VIZ_DEBUG_STATS: /debug_stats shows hook counts and memory; not for public servers")

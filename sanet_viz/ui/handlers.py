@@ -60,6 +60,7 @@ class AppSettings:
     concurrency: int = 2  # analyses running at once in the fast lane; more wait in the queue
     profiles: Any = None  # per-class reference profiles from `reproduce` (optional)
     stopping: Callable[[], bool] = lambda: False  # the server is shutting down: long work stops
+    precision: str = "auto"  # of the probe's masked forwards (--precision); auto: the check at warm-up decides
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
     def options(self, method: str, target: str | None, layer: str | None) -> AnalysisOptions:
         target_class = None if not target or target == PREDICTED else int(str(target).split(":")[0])
         return AnalysisOptions(method=method, target_class=target_class, cam_layer=layer or None,
+                               precision=self.settings.precision,
                                num_classes=min(lm.num_classes for lm in self.lab.models.values()))
 
     def analyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
