@@ -12,8 +12,9 @@ the data per rank, no padded duplicates, an all-reduce at the end) and over time
 its partial sums atomically under OUT/state every few batches; a rerun continues from there).
 
 Modules: ``classes`` (class maps, label files), ``data`` (scanning, balanced subsets, loading per
-rank), ``state`` (checkpoints), ``distributed`` (process group and collectives), ``engine``
-(:func:`run`), ``result`` (:class:`ReproduceResult`), ``outputs`` (files). The command line is
+rank), ``state`` (checkpoints), ``distributed`` (process group and collectives), ``faithfulness``
+(``--faithfulness``: per-image slots, summary, files), ``engine`` (:func:`run`), ``result``
+(:class:`ReproduceResult`), ``outputs`` (files). The command line is
 ``sanet_viz/cli/reproduce.py``; the app's reference profiles are ``sanet_viz/profiles.py``.
 """
 

@@ -14,9 +14,9 @@ resamples the same per-image values whatever the number of processes.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +27,6 @@ from ..cam import compute_cam
 from ..faithfulness import ROAD_PERCENTILES, Curve, Faithfulness, bootstrap_mean_ci, measure
 from ..lab import Lab, LoadedModel
 from ..weights import untrained_warning
-
-if TYPE_CHECKING:
-    from .result import ReproduceResult
 
 __all__ = ["MEASURED", "MEASURES", "zero_sums", "evaluate", "commit", "summary", "write_files"]
 
@@ -147,10 +144,14 @@ def settings(lab: Lab, *, steps: int, method: str, layer: str | None) -> dict[st
             "class": "predicted", "steps": steps}
 
 
-def write_files(result: ReproduceResult, block: Mapping[str, Any] | None, out: Path) -> dict[str, Path]:
+def write_files(sums: Mapping[str, np.ndarray], info: Mapping[str, Mapping[str, Any]],
+                block: Mapping[str, Any] | None, out: Path, *, sample_paths: Sequence[str] | None = None
+                ) -> dict[str, Path]:
     """faithfulness.csv (means, intervals, paired differences), faithfulness_per_image.csv and
     faithfulness_curves.png (curves averaged over images) from summary.json's ``faithfulness``
-    ``block``; nothing when it was not measured."""
+    ``block``; nothing when it was not measured. ``sums``, ``info`` and ``sample_paths``: the
+    result's sums, per-model information and samples (:class:`~.result.ReproduceResult`, which
+    imports this module: taking its parts keeps the two free of an import cycle)."""
     if block is None:
         return {}
     rows: list[list[Any]] = [["measure", "model", "images", "mean", "ci95_low", "ci95_high"]]
@@ -160,21 +161,21 @@ def write_files(result: ReproduceResult, block: Mapping[str, Any] | None, out: P
         if "paired_difference" in block:
             d = block["paired_difference"][name]
             rows.append([name, "sanet50-resnet50", block["images"], d["mean"], *d["ci95"]])
-    measured = np.flatnonzero(np.asarray(result.sums[MEASURED]) > 0)
-    paths = result.sample_paths or []
-    per_image_rows: list[list[Any]] = [["sample", "path"] + [f"{k}_{n}" for k in result.models for n in MEASURES]]
+    measured = np.flatnonzero(np.asarray(sums[MEASURED]) > 0)
+    paths = sample_paths or []
+    per_image_rows: list[list[Any]] = [["sample", "path"] + [f"{k}_{n}" for k in info for n in MEASURES]]
     per_image_rows += [[int(i), paths[i] if i < len(paths) else ""]
-                       + [float(result.sums[_key(k, n)][i]) for k in result.models for n in MEASURES]
+                       + [float(sums[_key(k, n)][i]) for k in info for n in MEASURES]
                        for i in measured]
     written = {}
     for name, table in (("faithfulness.csv", rows), ("faithfulness_per_image.csv", per_image_rows)):
         with open(out / name, "w", newline="") as f:
             csv.writer(f).writerows([["" if v is None else v for v in row] for row in table])
         written[name] = out / name
-    names = {key: m["display_name"] for key, m in result.models.items()}
+    names = {key: m["display_name"] for key, m in info.items()}
     fig = charts.faithfulness_curves(
-        {names[k]: mean_curves(result.sums, k) for k in result.models},
-        untrained=[names[k] for k, m in result.models.items() if not m["pretrained"]],
+        {names[k]: mean_curves(sums, k) for k in info},
+        untrained=[names[k] for k, m in info.items() if not m["pretrained"]],
         title=f"Curves averaged over {block['images']} images ({block['method']} at {block['layer']}, predicted class)")
     charts.save(fig, str(out / "faithfulness_curves.png"))
     written["faithfulness_curves.png"] = out / "faithfulness_curves.png"

@@ -44,7 +44,8 @@ def write_outputs(result: ReproduceResult, out: str | Path, *, figure_classes: S
         name = "profiles.npz" if k == "sanet50" or len(sa_keys) == 1 else f"profiles_{k}.npz"
         written[name] = profiles_of(result, k).save(out / name)
     written.update(_write_figures(result, out, correlations, figure_classes))
-    written.update(faith.write_files(result, summary.get("faithfulness"), out))
+    written.update(faith.write_files(result.sums, result.models, summary.get("faithfulness"), out,
+                                     sample_paths=result.sample_paths))
     summary["files"] = sorted(set(written) | {"summary.json"})
     path = out / "summary.json"
     tmp = path.with_name(".summary.json.tmp")
