@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from . import faithfulness, models
+from .attention import GateProfile
 from .cam import MULTI_PASS_METHODS, BatchedAblationCAM, BatchedScoreCAM, compute_cam
-from .hooks import FeatureCapture, ModelStateGuard, SAGateRecorder
+from .hooks import FeatureCapture, GateRecorder, ModelStateGuard
 from .lab import Lab, LoadedModel
 from .preprocessing import PreparedImage
 from .probes import GroupProbe, PrecisionCheck, group_maps
@@ -47,18 +48,18 @@ def explain_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOption
     ``defer_slow`` the result comes back with ``cam`` None and ``pending_cam`` set, for the caller
     to complete later. The probe is left to :func:`probe_model`.
     """
-    x = image.tensor.to(lm.device)
+    x = image.tensor_for(lm.transform).to(lm.device)
     layer = options.cam_layer or lm.probe_layer
     cam_layer = models.paper_name_to_module(layer) if layer.startswith("SA_") else layer
     keep_maps = [models.module_to_paper_name(lm.probe_layer)] if lm.has_sa else []
-    gate_modules = lm.sa_modules if (options.gates and lm.has_sa) else {}
+    gate_modules = lm.gate_modules if options.gates else {}
     if options.target_class is not None:
         lm.check_class(options.target_class)
     slow = options.method in MULTI_PASS_METHODS
     start = time.perf_counter()
     with lm.lock, ModelStateGuard(lm.model), \
             FeatureCapture(lm.model, dict.fromkeys([lm.probe_layer, cam_layer])) as capture, \
-            SAGateRecorder(lm.model, gate_modules, keep_maps=keep_maps) as gates:
+            GateRecorder(lm.model, lm.gate_layout, gate_modules, keep_maps=keep_maps) as gates:
         if slow:
             with torch.no_grad():
                 logits = lm.model(x).float().detach()
@@ -68,17 +69,18 @@ def explain_model(lm: LoadedModel, image: PreparedImage, options: AnalysisOption
             logits = cam.logits
     target = cam.target_class if cam is not None else (
         options.target_class if options.target_class is not None else int(logits.argmax(-1)))
-    sa_gates = sa_maps = None
+    profile = sa_maps = None
     if gate_modules:
-        sa_gates = {name: {"channel": gates.channel[name][0].cpu().numpy(),
-                           "spatial": gates.spatial[name][0].cpu().numpy()} for name in gate_modules}
+        profile = GateProfile(lm.gate_layout, {depth: {b: v[0].cpu().numpy() for b, v in gates.values[depth].items()}
+                                               for depth in gate_modules})  # type: ignore[arg-type]
         sa_maps = gates.spatial_maps[keep_maps[0]][0].cpu().numpy() if keep_maps else None
     result = ModelResult(
         key=lm.key, display_name=lm.display_name, weights=lm.weights,
         top5=_top5(logits.cpu(), lm), target_class=target, target_label=lm.label(target),
         cam=cam.cam if cam is not None else None, cam_method=options.method, cam_layer=cam_layer,
         group_maps=group_maps(capture.outputs[lm.probe_layer], lm.probe_groups)[0].cpu().numpy(),
-        probe=None, sa_gates=sa_gates, sa_spatial_maps=sa_maps,
+        probe=None, sa_gates=profile.values if profile is not None and lm.has_sa else None, gates=profile,
+        sa_spatial_maps=sa_maps,
         precision=lm.probe_precision(options.precision).replace("check", "fp32"),
         timings_ms={"cam": (time.perf_counter() - start) * 1e3}, logits=logits[0].cpu().numpy(),
         pending_cam=capture.outputs[cam_layer] if slow else None)
@@ -107,7 +109,7 @@ def complete_cam(lm: LoadedModel, image: PreparedImage, result: ModelResult, opt
     if result.pending_cam is None:
         return result
     start = time.perf_counter()
-    x = image.tensor.to(lm.device)
+    x = image.tensor_for(lm.transform).to(lm.device)
     acts, target = result.pending_cam, result.target_class
     fast = lm.fast_model is not None and result.cam_layer in models.bottleneck_names(lm.model)
     if options.method == "scorecam" and lm.fast_model is not None:
@@ -143,7 +145,7 @@ def probe_model(lm: LoadedModel, image: PreparedImage, result: ModelResult,
     this image gets the fp32 scores.
     """
     t = time.perf_counter()
-    x = image.tensor.to(lm.device)
+    x = image.tensor_for(lm.transform).to(lm.device)
     predicted = int(np.argmax(result.logits))
     maps = torch.from_numpy(result.group_maps)[None]
     classes = torch.tensor([predicted])
@@ -242,7 +244,7 @@ def add_faithfulness(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
             if mr.faithfulness is None:
                 t = time.perf_counter()
                 mr.faithfulness = faithfulness.measure(
-                    lm, image.tensor, mr.cam, mr.target_class, steps=options.faithfulness_steps,
+                    lm, image.tensor_for(lm.transform), mr.cam, mr.target_class, steps=options.faithfulness_steps,
                     precision=options.precision, batch_size=options.probe_batch_size, progress_fn=progress)
                 mr.timings_ms["faithfulness"] = (time.perf_counter() - t) * 1e3
         if cascade:
@@ -265,8 +267,8 @@ def add_randomization(lab: Lab, image: PreparedImage, result: AnalysisResult, *,
             with lm.lock:
                 t = time.perf_counter()
                 mr.faithfulness.randomization = faithfulness.measure_randomization(
-                    lm, image.tensor, mr.cam, mr.target_class, method=mr.cam_method, layer=mr.cam_layer,
-                    progress_fn=progress)
+                    lm, image.tensor_for(lm.transform), mr.cam, mr.target_class, method=mr.cam_method,
+                    layer=mr.cam_layer, progress_fn=progress)
                 mr.timings_ms["randomization"] = (time.perf_counter() - t) * 1e3
     return result
 

@@ -7,11 +7,12 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["resolve_module", "HookOwner", "FeatureCapture", "SAGateRecorder", "ModelStateGuard"]
+from .attention import LAYOUTS, GateLayout
+
+__all__ = ["resolve_module", "HookOwner", "FeatureCapture", "GateRecorder", "SAGateRecorder", "ModelStateGuard"]
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
@@ -71,7 +72,49 @@ class FeatureCapture(HookOwner):
         return self
 
 
-class SAGateRecorder(HookOwner):
+class GateRecorder(HookOwner):
+    """Each image's attention gates at every module named in ``modules`` (depth name -> module
+    name, :meth:`attention.GateLayout.modules`), read as ``layout`` says.
+
+    ``values[depth][branch]`` is (N, width): SA's mean channel and spatial gate per group, SE's
+    and ECA's gate per channel. ``keep_maps`` lists depths whose SA spatial gate maps
+    (N, G, H, W) are kept too.
+    """
+
+    def __init__(self, model: nn.Module, layout: GateLayout | None, modules: dict[str, str],
+                 keep_maps: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.values: dict[str, dict[str, Tensor]] = {}
+        self.spatial_maps: dict[str, Tensor] = {}
+        if modules and layout is None:
+            raise ValueError("gate modules given without a layout to read them")
+        keep = set(keep_maps)
+        for depth, module_name in modules.items():
+            self._register(resolve_module(model, module_name), self._hook(layout, depth, depth in keep))
+
+    def _hook(self, layout: GateLayout | None, depth: str, keep_map: bool) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            values, spatial_map = layout.read(module, inputs, output)  # type: ignore[union-attr]
+            self.values[depth] = values
+            if keep_map and spatial_map is not None:
+                self.spatial_maps[depth] = spatial_map
+        return hook
+
+    @property
+    def channel(self) -> dict[str, Tensor]:
+        """Depth -> (N, width) channel gates (every layout has them)."""
+        return {d: v["channel"] for d, v in self.values.items()}
+
+    @property
+    def spatial(self) -> dict[str, Tensor]:
+        """Depth -> (N, G) mean spatial gates (SA only)."""
+        return {d: v["spatial"] for d, v in self.values.items() if "spatial" in v}
+
+    def __enter__(self) -> GateRecorder:
+        return self
+
+
+class SAGateRecorder(GateRecorder):
     """Per SA module and group: the mean channel gate and mean spatial gate of each image.
 
     ``modules`` maps paper names to SA module names (see :func:`models.sa_module_names`).
@@ -79,24 +122,7 @@ class SAGateRecorder(HookOwner):
     """
 
     def __init__(self, model: nn.Module, modules: dict[str, str], keep_maps: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.channel: dict[str, Tensor] = {}  # paper name -> (N, G)
-        self.spatial: dict[str, Tensor] = {}  # paper name -> (N, G)
-        self.spatial_maps: dict[str, Tensor] = {}  # paper name -> (N, G, H, W)
-        keep = set(keep_maps)
-        for paper_name, module_name in modules.items():
-            self._register(resolve_module(model, module_name), self._hook(paper_name, paper_name in keep))
-
-    def _hook(self, paper_name: str, keep_map: bool) -> Any:
-        @torch.no_grad()
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            gate_c, gate_s = module.gates(inputs[0].detach())  # type: ignore[operator]
-            self.channel[paper_name] = gate_c.float().mean(-1)
-            spatial_map = gate_s.float().mean(2)
-            self.spatial[paper_name] = spatial_map.mean((-2, -1))
-            if keep_map:
-                self.spatial_maps[paper_name] = spatial_map
-        return hook
+        super().__init__(model, LAYOUTS["SA"], modules, keep_maps)
 
     def __enter__(self) -> SAGateRecorder:
         return self

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import models
+from . import attention, models
 from .hooks import resolve_module
 from .preprocessing import DEFAULT_LIMITS, DecodeLimits, ImageInput, PreparedImage, load_and_prepare
 from .probes import (
@@ -27,9 +27,17 @@ from .probes import (
     probe_masks,
     probe_scores,
 )
-from .weights import IMAGENET_CATEGORIES, IMAGENET_EVAL, MODEL_SPECS, EvalTransform, WeightsInfo, build_model
+from .weights import (
+    DEFAULT_MODELS,
+    IMAGENET_CATEGORIES,
+    IMAGENET_EVAL,
+    MODEL_SPECS,
+    EvalTransform,
+    WeightsInfo,
+    build_model,
+)
 
-__all__ = ["LoadedModel", "Lab", "PROBE_LAYER", "resolve_device", "bf16_supported", "resolve_precision",
+__all__ = ["LoadedModel", "Lab", "load_model", "PROBE_LAYER", "resolve_device", "bf16_supported", "resolve_precision",
            "check_compiler"]
 
 PROBE_LAYER = "layer4.2"  # SA_5_3
@@ -77,7 +85,7 @@ def check_compiler(device: torch.device) -> None:
 class LoadedModel:
     """A model shared by all requests: use it only while holding ``lock``."""
 
-    key: str  # "resnet50" / "sanet50"
+    key: str  # a registered model's key (weights.MODEL_SPECS): "resnet50", "sanet50", "seresnet50", ...
     display_name: str
     model: nn.Module
     weights: WeightsInfo
@@ -115,6 +123,9 @@ class LoadedModel:
                              f"describe {len(self.categories)} categories")
         self.categories = list(self.categories)
         self.sa_modules = models.sa_module_names(self.model)  # paper name -> module name
+        # Its attention gates, if any: how to read them (SA, SE, ECA) and where (depth -> module).
+        self.gate_layout = attention.layout_of(self.model)
+        self.gate_modules = self.gate_layout.modules(self.model) if self.gate_layout else {}
         resolve_module(self.model, self.probe_layer)  # fail early on a wrong probe layer
         if self.fast_model is None and self.use_fast_model:
             self.fast_model = models.inference_copy(self.model, channels_last=True)
@@ -187,6 +198,11 @@ class LoadedModel:
         return bool(self.sa_modules)
 
     @property
+    def has_gates(self) -> bool:
+        """Whether the model has attention gates the lab reads (SA, SE or ECA)."""
+        return bool(self.gate_modules)
+
+    @property
     def num_classes(self) -> int:
         return len(self.categories or ())
 
@@ -216,6 +232,23 @@ class LoadedModel:
         return best_interleaved_ms(runs, device=self.device)
 
 
+def load_model(key: str, explicit: str | None = None, *, device: torch.device, weights_dir: Path | None = None,
+               require_pretrained: bool = False, compile_probe: bool = False,
+               log: Callable[[str], None] | None = None) -> LoadedModel:
+    """One registered model with its weights (:func:`weights.build_model`), ready to serve."""
+    if key not in MODEL_SPECS:
+        raise ValueError(f"unknown model {key!r}: choose from {', '.join(MODEL_SPECS)}")
+    spec = MODEL_SPECS[key]
+    start = time.perf_counter()
+    model, info = build_model(spec, explicit, weights_dir=weights_dir, require_pretrained=require_pretrained)
+    loaded = LoadedModel(key, spec.display_name, model, info, device, categories=spec.weights.categories,
+                         transform=spec.weights.transforms, compile_probe=compile_probe)
+    if log:
+        state = "pretrained" if info.pretrained else f"UNTRAINED ({info.note})"
+        log(f"{spec.display_name}: {state}; weights: {info.source}; on {device}; {time.perf_counter() - start:.1f} s")
+    return loaded
+
+
 def _output_count(model: nn.Module) -> int | None:
     fc = getattr(model, "fc", None)
     return int(fc.out_features) if isinstance(fc, nn.Linear) else None
@@ -228,25 +261,19 @@ class Lab:
         self.models: dict[str, LoadedModel] = dict(loaded)
 
     @classmethod
-    def load(cls, *, resnet50: str | None = None, sanet50: str | None = None, device: str = "auto",
+    def load(cls, *, models: Sequence[str] = DEFAULT_MODELS, specs: Mapping[str, str | None] | None = None,
+             resnet50: str | None = None, sanet50: str | None = None, device: str = "auto",
              weights_dir: Path | None = None, require_pretrained: bool = False,
              compile_probe: bool = False, log: Callable[[str], None] | None = None) -> Lab:
+        """Registered ``models`` (keys of :data:`weights.MODEL_SPECS`, in this order), each with
+        its weights SPEC from ``specs`` (or the ``resnet50`` / ``sanet50`` shorthands) when given."""
         target = resolve_device(device)
         if compile_probe:
             check_compiler(target)
-        loaded = {}
-        for key, explicit in (("resnet50", resnet50), ("sanet50", sanet50)):
-            spec = MODEL_SPECS[key]
-            start = time.perf_counter()
-            model, info = build_model(spec, explicit, weights_dir=weights_dir,
-                                      require_pretrained=require_pretrained)
-            loaded[key] = LoadedModel(key, spec.display_name, model, info, target, categories=spec.weights.categories,
-                                      transform=spec.weights.transforms, compile_probe=compile_probe)
-            if log:
-                state = "pretrained" if info.pretrained else f"UNTRAINED ({info.note})"
-                log(f"{spec.display_name}: {state}; weights: {info.source}; on {target}; "
-                    f"{time.perf_counter() - start:.1f} s")
-        return cls(loaded)
+        explicit = {"resnet50": resnet50, "sanet50": sanet50, **(specs or {})}
+        return cls({key: load_model(key, explicit.get(key), device=target, weights_dir=weights_dir,
+                                    require_pretrained=require_pretrained, compile_probe=compile_probe, log=log)
+                    for key in models})
 
     def subset(self, keys: Sequence[str]) -> Lab:
         """The same loaded models, only those named (in that order)."""
@@ -255,6 +282,11 @@ class Lab:
     @property
     def device(self) -> torch.device:
         return next(iter(self.models.values())).device
+
+    @property
+    def transforms(self) -> list[EvalTransform]:
+        """The models' evaluation preprocessing, each once, in model order (see :meth:`prepare`)."""
+        return list(dict.fromkeys(lm.transform for lm in self.models.values()))
 
     @property
     def transform(self) -> EvalTransform:
@@ -273,7 +305,11 @@ class Lab:
 
     def prepare(self, source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS,
                 name: str | None = None) -> PreparedImage:
-        """Decode ``source`` and prepare it with the models' evaluation preprocessing."""
-        return load_and_prepare(source, limits=limits, name=name, transform=self.transform)
+        """Decode ``source`` and prepare it with each model's evaluation preprocessing (models
+        whose preprocessing differs in interpolation or normalisation each get their own tensor
+        of the same crop: :meth:`PreparedImage.tensor_for`)."""
+        transforms = self.transforms
+        return load_and_prepare(source, limits=limits, name=name,
+                                transform=transforms[0] if len(transforms) == 1 else transforms)
 
 

@@ -1,8 +1,11 @@
-"""SA-ResNet (Shuffle Attention, Zhang & Yang, ICASSP 2021) and its ResNet baseline.
+"""SA-ResNet (Shuffle Attention, Zhang & Yang, ICASSP 2021) and its ResNet baseline; the
+channel-attention baselines (timm's SE-ResNet50, ECA-ResNet50d) are built in :mod:`attention`.
 
 The module names and parameter shapes match the released SA-Net checkpoints once their
 DataParallel ``module.`` prefix is stripped: torchvision's ResNet keys plus
-``layerX.Y.sa.{cweight, cbias, sweight, sbias, gn.weight, gn.bias}``.
+``layerX.Y.sa.{cweight, cbias, sweight, sbias, gn.weight, gn.bias}``. timm's ResNets share
+torchvision's stage and block names (``layer4.2``), so paper names, probes and CAM layers apply
+to every model; their stem and head differ (:func:`stem`, :func:`head`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ __all__ = [
     "sa_resnet50",
     "sa_resnet101",
     "resnet50",
+    "stem",
+    "head",
     "channel_shuffle",
     "sa_module_names",
     "paper_name_to_module",
@@ -354,6 +359,20 @@ def resnet50(*, num_classes: int = 1000) -> tv_resnet.ResNet:
     return tv_resnet.resnet50(weights=None, num_classes=num_classes)
 
 
+def stem(model: nn.Module, x: Tensor) -> Tensor:
+    """A ResNet's stem (conv1, bn1, ReLU, max-pool): torchvision's ``relu`` or timm's ``act1``."""
+    act = getattr(model, "relu", None) or model.act1
+    return model.maxpool(act(model.bn1(model.conv1(x))))
+
+
+def head(model: nn.Module, features: Tensor) -> Tensor:
+    """A ResNet's pooling and classifier on the last stage's features: timm's ``forward_head``
+    (global pool, then fc), else torchvision's avgpool, flatten, fc."""
+    if hasattr(model, "forward_head"):
+        return model.forward_head(features)
+    return model.fc(torch.flatten(model.avgpool(features), 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Paper names: SA_s_b = stage s (2..5 = layer1..layer4), block b (1-based).
 
@@ -404,7 +423,6 @@ def tail_after(model: nn.Module, block: str, *, reference_order: bool = False) -
         raise ValueError(f"{block!r} is not a bottleneck of {type(model).__name__}")
     modules = dict(model.named_modules())
     rest = [modules[n] for n in names[names.index(block) + 1:]]
-    pool, fc = model.avgpool, model.fc  # type: ignore[union-attr]
     order = getattr(modules[block], "stream_order", None) if reference_order else None
 
     def run(features: Tensor) -> Tensor:
@@ -412,7 +430,7 @@ def tail_after(model: nn.Module, block: str, *, reference_order: bool = False) -
             features = features[:, order.to(features.device)]
         for module in rest:
             features = module(features)
-        return fc(torch.flatten(pool(features), 1))
+        return head(model, features)
 
     return run
 
@@ -444,23 +462,8 @@ def inference_copy(model: nn.Module, *, channels_last: bool = True, fuse_sa: boo
     """
     import copy
 
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     fast = fold_channel_shuffle(model) if sa_module_names(model) else copy.deepcopy(model).eval()
-    pairs = [(fast, "conv1", "bn1")]
-    for _, block in _iter_blocks(fast):
-        pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
-        if getattr(block, "downsample", None) is not None:
-            pairs.append((block.downsample, "0", "1"))
-    for parent, conv_name, bn_name in pairs:
-        conv, bn = getattr(parent, conv_name) if conv_name != "0" else parent[0], \
-            getattr(parent, bn_name) if bn_name != "1" else parent[1]
-        fused = fuse_conv_bn_eval(conv, bn)
-        if conv_name == "0":
-            parent[0], parent[1] = fused, nn.Identity()
-        else:
-            setattr(parent, conv_name, fused)
-            setattr(parent, bn_name, nn.Identity())
+    _fuse_batchnorms(fast)
     if fuse_sa and sa_module_names(fast):
         _group_sa_branches(fast)
     for parent in [m for m in fast.modules() if isinstance(m, nn.Sequential) and fuse_sa]:
@@ -469,6 +472,29 @@ def inference_copy(model: nn.Module, *, channels_last: bool = True, fuse_sa: boo
                 parent[index] = InferenceSABottleneck(block)
     fast.requires_grad_(False)
     return fast.to(memory_format=torch.channels_last) if channels_last else fast
+
+
+def _fuse_batchnorms(model: nn.Module) -> None:
+    """Fold every BatchNorm that directly follows a convolution into it (in place, eval mode):
+    Conv2d-BatchNorm2d neighbours in any Sequential (downsample paths, with or without timm's
+    average pool in front; timm's deep stem), the stem's conv1/bn1 (after a deep stem's last
+    conv) and each block's conv{1,2,3}/bn{1,2,3}."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    pairs = [(model, "conv1", "bn1")]
+    pairs += [(block, f"conv{i}", f"bn{i}") for _, block in _iter_blocks(model) for i in (1, 2, 3)]
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+        holder, name = parent, conv_name
+        if isinstance(conv, nn.Sequential) and len(conv) and isinstance(conv[-1], nn.Conv2d):
+            holder, name, conv = conv, str(len(conv) - 1), conv[-1]  # a deep stem: its last conv
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(holder, name, fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, nn.Identity())
 
 
 @torch.no_grad()
@@ -531,7 +557,7 @@ def fold_channel_shuffle(model: SAResNet) -> SAResNet:
 
 
 class MixedPrecisionResNet(nn.Module):
-    """A ResNet-style model (torchvision's attribute names) run with its stem, layer1 and layer2
+    """A ResNet-style model (torchvision's or timm's attribute names) run with its stem, layer1 and layer2
     from an fp32 model and layer3, layer4 from a bf16 copy of it; pooling and classifier in fp32.
 
     Why these stages: on calibrated weights (benchmarks/bench_mixed_precision.py) bf16 in the stem,
@@ -542,13 +568,16 @@ class MixedPrecisionResNet(nn.Module):
 
     def __init__(self, fp32: nn.Module, bf16: nn.Module) -> None:
         super().__init__()
-        self.conv1, self.bn1, self.relu, self.maxpool = fp32.conv1, fp32.bn1, fp32.relu, fp32.maxpool
+        self.conv1, self.bn1, self.maxpool = fp32.conv1, fp32.bn1, fp32.maxpool
+        self.relu = getattr(fp32, "relu", None) or fp32.act1  # torchvision's name, or timm's
         self.layer1, self.layer2 = fp32.layer1, fp32.layer2
         self.layer3, self.layer4 = bf16.layer3, bf16.layer4
-        self.avgpool, self.fc = fp32.avgpool, fp32.fc
+        # torchvision: avgpool then flatten; timm: global_pool flattens itself.
+        self.pool = getattr(fp32, "global_pool", None) or nn.Sequential(fp32.avgpool, nn.Flatten(1))
+        self.fc = fp32.fc
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x)).to(torch.bfloat16)
         x = self.layer4(self.layer3(x)).float()
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(self.pool(x))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,7 +17,8 @@ from torchvision.transforms import functional as TF
 from .limits import limit_default, parse_size
 from .weights import IMAGENET_EVAL, EvalTransform
 
-__all__ = ["ImageDecodeError", "DecodeLimits", "decode_image", "PreparedImage", "prepare", "DEFAULT_LIMITS",
+__all__ = ["ImageDecodeError", "DecodeLimits", "decode_image", "PreparedImage", "prepare", "prepare_for",
+           "DEFAULT_LIMITS",
            "PREVIEW_SIZE", "SUPPORTED_FORMATS", "parse_size"]
 
 # A truncated file must fail loudly, not be padded with grey.
@@ -250,6 +252,19 @@ class PreparedImage:
     # (x0, y0, x1, y1 in preview pixels): to show a map in place on the whole photo.
     preview: np.ndarray | None = None
     crop_box: tuple[float, float, float, float] | None = None
+    # What ``tensor`` was made with, and the same crop made with other models' preprocessing
+    # (another interpolation or normalisation): :meth:`tensor_for`. None: ``tensor`` serves all.
+    transform: EvalTransform | None = None
+    others: Mapping[EvalTransform, Tensor] = field(default_factory=dict)
+
+    def tensor_for(self, transform: EvalTransform | None) -> Tensor:
+        """The input for a model evaluated with ``transform`` (see :func:`prepare_for`)."""
+        if transform is None or self.transform is None or transform == self.transform:
+            return self.tensor
+        if transform not in self.others:
+            raise ValueError(f"this image was not prepared with {transform}: prepare it for every model's "
+                             "preprocessing (Lab.prepare)")
+        return self.others[transform]
 
 
 PREVIEW_SIZE = 640
@@ -258,12 +273,36 @@ PREVIEW_SIZE = 640
 def prepare(image: Image.Image, transform: EvalTransform = IMAGENET_EVAL) -> PreparedImage:
     """The weights' evaluation preprocessing (``WeightsDescription.transforms``): for both papers'
     checkpoints Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet mean, std)."""
-    resized = TF.resize(image, [transform.resize_size], antialias=True)
-    cropped = TF.center_crop(resized, [transform.crop_size])
+    resized, cropped, tensor = _transformed(image, transform)
     display = np.asarray(cropped, dtype=np.uint8).copy()
-    tensor = TF.normalize(TF.to_tensor(cropped), list(transform.mean), list(transform.std)).unsqueeze(0)
     preview, box = _preview(image, resized.size, transform.crop_size)
-    return PreparedImage(tensor.contiguous(), display, image.size, preview, box)
+    return PreparedImage(tensor, display, image.size, preview, box, transform)
+
+
+def prepare_for(image: Image.Image, transforms: Sequence[EvalTransform]) -> PreparedImage:
+    """One picture for models evaluated with different preprocessing: the first transform's
+    tensor, display and preview, and each other's tensor (:meth:`PreparedImage.tensor_for`).
+
+    They must crop the same pixels (same resize and crop sizes), so that every model's map lies
+    over the same display; they may differ in interpolation and normalisation.
+    """
+    first, *rest = list(dict.fromkeys(transforms))
+    for other in rest:
+        if not first.same_geometry(other):
+            raise ValueError(f"the models were evaluated with different crops ({first.resize_size}->"
+                             f"{first.crop_size} vs {other.resize_size}->{other.crop_size}): their maps would not "
+                             "line up; analyse them separately")
+    prepared = prepare(image, first)
+    return replace(prepared, others={t: _transformed(image, t)[2] for t in rest})
+
+
+def _transformed(image: Image.Image, transform: EvalTransform) -> tuple[Image.Image, Image.Image, Tensor]:
+    """(resized, cropped, normalised (1, 3, crop, crop) tensor) of ``image`` under ``transform``."""
+    mode = TF.InterpolationMode(transform.interpolation)
+    resized = TF.resize(image, [transform.resize_size], interpolation=mode, antialias=True)
+    cropped = TF.center_crop(resized, [transform.crop_size])
+    tensor = TF.normalize(TF.to_tensor(cropped), list(transform.mean), list(transform.std)).unsqueeze(0)
+    return resized, cropped, tensor.contiguous()
 
 
 def _preview(image: Image.Image, resized: tuple[int, int], crop: int) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -280,6 +319,8 @@ def _preview(image: Image.Image, resized: tuple[int, int], crop: int) -> tuple[n
 
 
 def load_and_prepare(source: ImageInput, *, limits: DecodeLimits = DEFAULT_LIMITS, name: str | None = None,
-                     transform: EvalTransform = IMAGENET_EVAL) -> PreparedImage:
-    """Decode ``source`` within ``limits`` and prepare it with ``transform``."""
-    return prepare(decode_image(source, limits=limits, name=name), transform)
+                     transform: EvalTransform | Sequence[EvalTransform] = IMAGENET_EVAL) -> PreparedImage:
+    """Decode ``source`` within ``limits`` and prepare it with ``transform`` (or, given several,
+    for each of them: :func:`prepare_for`)."""
+    image = decode_image(source, limits=limits, name=name)
+    return prepare(image, transform) if isinstance(transform, EvalTransform) else prepare_for(image, transform)

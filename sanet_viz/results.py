@@ -12,6 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from . import models
+from .attention import GateProfile
 from .cam import CAM_METHODS, CLASS_AGNOSTIC_METHODS
 from .probes import GroupProbe, PrecisionCheck
 from .weights import IMAGENET_CATEGORIES, WeightsInfo, untrained_warning
@@ -78,7 +79,7 @@ class ModelResult:
     cam_layer: str
     group_maps: np.ndarray  # (G, h, w) raw channel means of the probe layer's chunks
     probe: GroupProbe | None
-    sa_gates: dict[str, dict[str, np.ndarray]] | None  # paper name -> channel/spatial (G,)
+    sa_gates: dict[str, dict[str, np.ndarray]] | None  # SA models: paper name -> channel/spatial (G,)
     sa_spatial_maps: np.ndarray | None  # (G, h, w) spatial gate maps of SA_5_3
     precision: str
     timings_ms: dict[str, float]
@@ -86,6 +87,8 @@ class ModelResult:
     precision_check: PrecisionCheck | None = None  # the model's bf16 check, once there is one
     # The CAM layer's activations while a multi-pass CAM is pending (analysis.complete_cam).
     pending_cam: Tensor | None = field(default=None, repr=False)
+    # Every attention model's gates (SA, SE, ECA) with what they are; for SA the same values as sa_gates.
+    gates: GateProfile | None = None
 
     @property
     def class_agnostic(self) -> bool:
@@ -115,6 +118,8 @@ class ModelResult:
         if self.sa_gates is not None:
             out["sa_gates"] = {name: {"channel": g["channel"].tolist(), "spatial": g["spatial"].tolist()}
                                for name, g in self.sa_gates.items()}
+        if self.gates is not None:
+            out["gates"] = self.gates.to_dict()
         return out
 
 

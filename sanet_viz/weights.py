@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights
 
-from . import models
+from . import attention, models
 
 __all__ = [
     "EvalTransform",
@@ -33,6 +33,9 @@ __all__ = [
     "WeightsError",
     "ModelSpec",
     "MODEL_SPECS",
+    "DEFAULT_MODELS",
+    "parse_model_keys",
+    "TIMM_BICUBIC_EVAL",
     "IMAGENET_CATEGORIES",
     "resolve_source",
     "read_state_dict",
@@ -56,16 +59,24 @@ class WeightsError(RuntimeError):
 @dataclass(frozen=True)
 class EvalTransform:
     """The evaluation preprocessing a checkpoint was measured with (read by preprocessing.prepare):
-    Resize(resize_size) -> CenterCrop(crop_size) -> ToTensor -> Normalize(mean, std)."""
+    Resize(resize_size, interpolation) -> CenterCrop(crop_size) -> ToTensor -> Normalize(mean, std)."""
 
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # or "bicubic" (timm's weights)
+
+    def same_geometry(self, other: EvalTransform) -> bool:
+        """Whether both crop the same pixels of a picture, so that maps of one image line up."""
+        return (self.resize_size, self.crop_size) == (other.resize_size, other.crop_size)
 
 
 # Both papers' checkpoints: torchvision's ResNet50 IMAGENET1K_V1 and the released SA-Net models.
 IMAGENET_EVAL = EvalTransform()
+# timm's SE-ResNet50 and ECA-ResNet50d weights at 224 px: crop_pct 0.875 (the same 256 -> 224
+# crop as above), bicubic resizing (their pretrained_cfg).
+TIMM_BICUBIC_EVAL = EvalTransform(interpolation="bicubic")
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,9 @@ class WeightsDescription:
 
     name: str
     filenames: tuple[str, ...]  # names recognised in the weights folder, preferred first
-    url: str | None = None  # a direct download, where one exists
+    # The default download, where one exists: an http(s) URL (torchvision's cache) or an hf://
+    # SPEC (Hugging Face's cache); used unless downloads are off.
+    url: str | None = None
     sha256: str | None = None  # of the published file, where known
     categories: list[str] = field(default_factory=lambda: IMAGENET_CATEGORIES)
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -89,14 +102,37 @@ RESNET50_IMAGENET1K_V1 = WeightsDescription(
     name="ResNet50_Weights.IMAGENET1K_V1",
     filenames=("resnet50-0676ba61.pth", "resnet50.safetensors", "resnet50.pth"),
     url=ResNet50_Weights.IMAGENET1K_V1.url,
-    meta={"acc@1": 76.13, "acc@5": 92.86, "source": "torchvision (the paper's baseline recipe)"},
+    meta={"acc@1": 76.13, "acc@5": 92.86, "source": "torchvision (the paper's baseline recipe)",
+          "paper": "He et al., CVPR 2016 (torchvision's re-training, IMAGENET1K_V1)", "paper_acc@1": 76.13},
 )
 
 SANET50_IMAGENET1K = WeightsDescription(
     name="SANet50 (released SA-Net checkpoint)",
     filenames=("sa_resnet50.pth.tar", "sa_resnet50.safetensors", "sanet50.safetensors", "sa_resnet50.pth"),
     url=None,  # published on BaiduDrive only (share code 474p): users place it in weights/
-    meta={"acc@1": 77.88, "acc@5": 93.89, "source": "github.com/wofmanaf/SA-Net (BaiduDrive, code 474p)"},
+    meta={"acc@1": 77.88, "acc@5": 93.89, "source": "github.com/wofmanaf/SA-Net (BaiduDrive, code 474p)",
+          "paper": "Zhang and Yang, ICASSP 2021 (the released checkpoint)", "paper_acc@1": 77.88},
+)
+
+# timm's weights, trained with newer recipes than the papers': their top-1 is not comparable with
+# SANet50's 77.88 (as torchvision's ResNet50 V2 would not be). Numbers: timm's results table at 224 px.
+SERESNET50_TIMM = WeightsDescription(
+    name="timm seresnet50.ra2_in1k",
+    filenames=("seresnet50.ra2_in1k.safetensors", "seresnet50.safetensors", "seresnet50.pth"),
+    url="hf://timm/seresnet50.ra2_in1k/model.safetensors",
+    meta={"acc@1": 80.26, "acc@5": 95.07, "source": "timm (Hugging Face timm/seresnet50.ra2_in1k, RandAugment recipe)",
+          "paper": "Hu et al., CVPR 2018, Table 2 (SE-ResNet-50, single 224 crop)", "paper_acc@1": 76.71},
+    transforms=TIMM_BICUBIC_EVAL,
+)
+
+ECARESNET50D_TIMM = WeightsDescription(
+    name="timm ecaresnet50d.miil_in1k",
+    filenames=("ecaresnet50d.miil_in1k.safetensors", "ecaresnet50d.safetensors", "ecaresnet50d.pth"),
+    url="hf://timm/ecaresnet50d.miil_in1k/model.safetensors",
+    meta={"acc@1": 80.63, "acc@5": 95.31, "source": "timm (Hugging Face timm/ecaresnet50d.miil_in1k, DAMO-MIIL recipe)",
+          "paper": "Wang et al., CVPR 2020, Table 2 (ECA-Net50: plain stem; timm's 'd' variant has a deep "
+                   "stem and average-pool downsampling)", "paper_acc@1": 77.48},
+    transforms=TIMM_BICUBIC_EVAL,
 )
 
 
@@ -104,11 +140,12 @@ SANET50_IMAGENET1K = WeightsDescription(
 class ModelSpec:
     """One model the lab serves: the single source of its configuration."""
 
-    key: str  # "resnet50" / "sanet50": JSON keys and CLI flags
+    key: str  # "resnet50" / "sanet50" / ...: JSON keys and CLI flags
     display_name: str  # what a person reads
     builder: Callable[..., nn.Module]  # keyword-only ``num_classes``
     weights: WeightsDescription
     env_var: str
+    attention: str | None = None  # "SA", "SE", "ECA": its attention module (attention.LAYOUTS); None: plain
 
     @property
     def num_classes(self) -> int:
@@ -119,12 +156,33 @@ class ModelSpec:
         return self.builder(num_classes=self.num_classes)
 
 
+# The registry: adding a model is one entry here (and, for a new kind of attention module, one
+# layout in attention.py). The first two are the default comparison everywhere.
 MODEL_SPECS: dict[str, ModelSpec] = {
     "resnet50": ModelSpec("resnet50", "ResNet50", models.resnet50, RESNET50_IMAGENET1K_V1,
                           "SANET_VIZ_RESNET50"),
     "sanet50": ModelSpec("sanet50", "SANet50", models.sa_resnet50, SANET50_IMAGENET1K,
-                         "SANET_VIZ_SANET50"),
+                         "SANET_VIZ_SANET50", attention="SA"),
+    "seresnet50": ModelSpec("seresnet50", "SE-ResNet50", attention.seresnet50, SERESNET50_TIMM,
+                            "SANET_VIZ_SERESNET50", attention="SE"),
+    "ecaresnet50d": ModelSpec("ecaresnet50d", "ECA-ResNet50d", attention.ecaresnet50d, ECARESNET50D_TIMM,
+                              "SANET_VIZ_ECARESNET50D", attention="ECA"),
 }
+DEFAULT_MODELS: tuple[str, str] = ("resnet50", "sanet50")
+
+
+def parse_model_keys(text: str | Sequence[str], *, exactly: int | None = None) -> tuple[str, ...]:
+    """``"sanet50,seresnet50"`` -> registered keys, checked, in the order given (no repeats)."""
+    keys = tuple(k.strip() for k in (text.split(",") if isinstance(text, str) else text) if k.strip())
+    unknown = [k for k in keys if k not in MODEL_SPECS]
+    if unknown or not keys:
+        raise ValueError(f"unknown model {', '.join(map(repr, unknown)) or '(none given)'}: choose from "
+                         + ", ".join(MODEL_SPECS))
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a model is named twice in {','.join(keys)}")
+    if exactly is not None and len(keys) != exactly:
+        raise ValueError(f"name exactly {exactly} models (got {','.join(keys)})")
+    return keys
 
 
 @dataclass(frozen=True)
@@ -147,6 +205,7 @@ class WeightsSource:
     kind: str
     location: str
     reason: str = ""  # how it was chosen, or why no weights were found
+    default: bool = False  # the spec's own download: failing it falls back to untrained weights
 
 
 UNTRAINED_SPECS = {"untrained", "none", "random"}
@@ -190,18 +249,34 @@ def resolve_source(spec: ModelSpec, explicit: str | None = None, *,
     for name in spec.weights.filenames:
         if (folder / name).is_file():
             return WeightsSource("path", str(folder / name), f"found in {folder}")
-    if spec.weights.url:
-        cached = _torchvision_cache_file(spec.weights.url)
+    url = spec.weights.url
+    if url and url.startswith("hf://"):
+        cached_hf = _hf_cache_file(url)
+        if cached_hf is not None:
+            return WeightsSource("path", str(cached_hf), "Hugging Face's download cache")
+        if not offline():
+            return WeightsSource("hf", url, f"{spec.weights.name} download", default=True)
+    elif url:
+        cached = _torchvision_cache_file(url)
         if cached.is_file():
             return WeightsSource("path", str(cached), "torchvision's download cache")
         if not offline():
-            return WeightsSource("torchvision", spec.weights.url, "torchvision's IMAGENET1K_V1 download")
+            return WeightsSource("torchvision", url, "torchvision's IMAGENET1K_V1 download", default=True)
     names = " or ".join(spec.weights.filenames[:2])
     hint = (f"no weights found: put {names} in {folder}, or pass --{spec.key} SPEC "
             f"(path, URL or hf://owner/repo/file) or set ${spec.env_var}")
-    if spec.weights.url and offline():
+    if url and offline():
         hint += "; downloads are off (SANET_VIZ_OFFLINE)"
     return WeightsSource("untrained", "untrained", hint)
+
+
+def _hf_cache_file(spec: str) -> Path | None:
+    """The file of an hf:// SPEC in Hugging Face's local cache, if it is there (reads no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, filename, revision = parse_hf_spec(spec)
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 def sha256_of(path: str | Path) -> str:
@@ -346,7 +421,7 @@ def build_model(spec: ModelSpec, explicit: str | None = None, *, weights_dir: Pa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build()
-    if source.kind == "torchvision":
+    if source.default:
         # The automatic download is the last resort before untrained weights: a host without
         # internet still starts (untrained, saying why). An explicit URL that fails stays an error.
         try:

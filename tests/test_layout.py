@@ -16,7 +16,7 @@ PACKAGE = ROOT / "sanet_viz"
 FRONT_ENDS = ("sanet_viz.cli", "sanet_viz.server", "sanet_viz.ui")
 # Library layers, bottom to top: a module may import only from its own layer or below.
 LAYERS = [
-    {"sanet_viz.models", "sanet_viz.weights", "sanet_viz.limits", "sanet_viz.progress"},
+    {"sanet_viz.models", "sanet_viz.attention", "sanet_viz.weights", "sanet_viz.limits", "sanet_viz.progress"},
     {"sanet_viz.preprocessing", "sanet_viz.hooks", "sanet_viz.cam", "sanet_viz.probes", "sanet_viz.correlation",
      "sanet_viz.profiles"},
     {"sanet_viz.lab"},

@@ -12,7 +12,15 @@ from PIL import Image
 from sanet_viz.analysis import AnalysisOptions, analyze
 from sanet_viz.lab import Lab, LoadedModel
 from sanet_viz.preprocessing import prepare
-from sanet_viz.weights import IMAGENET_EVAL, MODEL_SPECS, EvalTransform, ModelSpec, WeightsDescription, WeightsInfo
+from sanet_viz.weights import (
+    IMAGENET_EVAL,
+    MODEL_SPECS,
+    TIMM_BICUBIC_EVAL,
+    EvalTransform,
+    ModelSpec,
+    WeightsDescription,
+    WeightsInfo,
+)
 
 CATEGORIES = [f"shape {i}" for i in range(10)]
 SMALL = EvalTransform(resize_size=80, crop_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -28,7 +36,8 @@ def test_builder_takes_its_class_count_from_the_categories() -> None:
     assert spec.build().fc.out_features == 10
     for key, published in MODEL_SPECS.items():
         assert published.num_classes == 1000, key
-        assert published.weights.transforms == IMAGENET_EVAL
+        # Both papers' checkpoints: torchvision's evaluation; timm's weights: the same crop, bicubic.
+        assert published.weights.transforms == (IMAGENET_EVAL if key in ("resnet50", "sanet50") else TIMM_BICUBIC_EVAL)
 
 
 def test_prepare_follows_the_weights_transform() -> None:

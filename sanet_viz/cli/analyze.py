@@ -12,9 +12,11 @@ from .common import (
     add_cam_args,
     add_faithfulness_args,
     add_model_args,
+    add_models_arg,
     add_precision_arg,
     error,
     load_lab,
+    model_keys,
     prepared_images,
     warn,
 )
@@ -24,9 +26,10 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
 
-    a = sub.add_parser("analyze", help="analyse images with ResNet50 and SANet50")
+    a = sub.add_parser("analyze", help="analyse images with two models (default ResNet50 and SANet50)")
     a.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     a.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per image)")
+    add_models_arg(a)
     add_model_args(a)
     add_cam_args(a)
     add_precision_arg(a, of="probe precision (CAM is fp32)")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                               faithfulness=args.faithfulness or args.faithfulness_randomization,
                               faithfulness_steps=args.faithfulness_steps,
                               faithfulness_randomization=args.faithfulness_randomization,
-                              num_classes=min(spec.num_classes for spec in MODEL_SPECS.values()))
+                              num_classes=min(MODEL_SPECS[key].num_classes for key in model_keys(args)))
     lab = load_lab(args, compile_probe=args.compile)
     failed: list[Path] = []
     used: set[str] = set()

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..lab import Lab
     from ..preprocessing import PreparedImage
 
-__all__ = ["add_model_args", "add_precision_arg", "PRECISIONS",
+__all__ = ["add_model_args", "add_models_arg", "model_keys", "add_precision_arg", "PRECISIONS",
            "COMPILE_HELP", "warn", "error", "env_flag", "load_lab", "prepared_images",
            "usage_error", "add_faithfulness_args"]
 
@@ -43,23 +43,26 @@ def add_cam_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
-    """--resnet50/--sanet50 SPEC, --weights-dir, --device, --require-pretrained.
+    """One --KEY SPEC per registered model (--resnet50, --sanet50, --seresnet50, ...), --weights-dir,
+    --device, --require-pretrained.
 
-    Unset SPECs fall back to $SANET_VIZ_RESNET50 / $SANET_VIZ_SANET50 and the weights folder when the
-    models are loaded (weights.resolve_source); --device and --require-pretrained read
+    Unset SPECs fall back to each model's variable ($SANET_VIZ_RESNET50, ...) and the weights folder
+    when the models are loaded (weights.resolve_source); --device and --require-pretrained read
     $SANET_VIZ_DEVICE and $SANET_VIZ_REQUIRE_PRETRAINED. ``suppress``: for sub-commands of a parser
     that has the same options (``weights [show] --json``), so that an option not given after the
     sub-command keeps the value given before it.
     """
+    from ..weights import MODEL_SPECS  # the registry (imports torch, not the models' machinery)
+
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    p.add_argument("--resnet50", metavar="SPEC", default=default(None),
-                   help="ResNet50 weights: path, URL, hf://owner/repo/file "
-                   "or 'untrained' (default: $SANET_VIZ_RESNET50, weights/, torchvision's download)")
-    p.add_argument("--sanet50", metavar="SPEC", default=default(None),
-                   help="SANet50 weights: path, URL, hf://owner/repo/file "
-                   "or 'untrained' (default: $SANET_VIZ_SANET50, then weights/sa_resnet50.pth.tar)")
+    for key, spec in MODEL_SPECS.items():
+        download = {"hf": ", its Hugging Face download", "ht": ", torchvision's download"}.get(
+            (spec.weights.url or "")[:2], "")
+        p.add_argument(f"--{key}", metavar="SPEC", default=default(None),
+                       help=f"{spec.display_name} weights: path, URL, hf://owner/repo/file or 'untrained' "
+                            f"(default: ${spec.env_var}, then weights/{spec.weights.filenames[0]}{download})")
     p.add_argument("--weights-dir", type=Path, default=default(None),
                    help="folder searched for weights files (default: $SANET_VIZ_WEIGHTS_DIR or weights/)")
     p.add_argument("--device", default=default(os.environ.get("SANET_VIZ_DEVICE") or "auto"),
@@ -67,6 +70,15 @@ def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> Non
     p.add_argument("--require-pretrained", action="store_true",
                    default=default(env_flag("SANET_VIZ_REQUIRE_PRETRAINED")),
                    help="fail instead of running a model with untrained weights ($SANET_VIZ_REQUIRE_PRETRAINED=1)")
+
+
+def add_models_arg(p: argparse.ArgumentParser, *, what: str = "the two models to compare") -> None:
+    """--models KEY,KEY: registered models by key, in order ($SANET_VIZ_MODELS; default resnet50,sanet50)."""
+    from ..weights import DEFAULT_MODELS, MODEL_SPECS
+
+    default = os.environ.get("SANET_VIZ_MODELS", "").strip() or ",".join(DEFAULT_MODELS)
+    p.add_argument("--models", default=default, metavar="KEY,KEY",
+                   help=f"{what}, from {', '.join(MODEL_SPECS)} ($SANET_VIZ_MODELS; default {default})")
 
 
 def add_precision_arg(p: argparse.ArgumentParser, *, of: str) -> None:
@@ -99,12 +111,21 @@ def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def load_lab(args: argparse.Namespace, *, compile_probe: bool = False) -> Lab:
-    """Both models from the model arguments (:func:`add_model_args`), with a warning per untrained one."""
-    from ..lab import Lab
-    from ..weights import untrained_warning
+def model_keys(args: argparse.Namespace, *, exactly: int | None = 2) -> tuple[str, ...]:
+    """The checked keys of --models (:func:`add_models_arg`); the default pair without the flag."""
+    from ..weights import DEFAULT_MODELS, parse_model_keys
 
-    lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=args.device,
+    return parse_model_keys(getattr(args, "models", None) or DEFAULT_MODELS, exactly=exactly)
+
+
+def load_lab(args: argparse.Namespace, *, compile_probe: bool = False, exactly: int | None = 2) -> Lab:
+    """The --models (default ResNet50 and SANet50) with the model arguments (:func:`add_model_args`),
+    with a warning per untrained one."""
+    from ..lab import Lab
+    from ..weights import MODEL_SPECS, untrained_warning
+
+    lab = Lab.load(models=model_keys(args, exactly=exactly),
+                   specs={key: getattr(args, key, None) for key in MODEL_SPECS}, device=args.device,
                    weights_dir=args.weights_dir, require_pretrained=args.require_pretrained,
                    compile_probe=compile_probe, log=lambda m: print(m, file=sys.stderr))
     for lm in lab.models.values():

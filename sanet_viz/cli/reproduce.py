@@ -18,8 +18,10 @@ from .common import (
     COMPILE_HELP,
     add_faithfulness_args,
     add_model_args,
+    add_models_arg,
     add_precision_arg,
     error,
+    model_keys,
     usage_error,
     warn,
 )
@@ -52,7 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loader processes per rank (default 4 on a GPU, 1 on the CPU)")
     add_precision_arg(p, of="of the 64 masked forwards (the unmasked forward: top-1, gates, is always fp32)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.add_argument("--models", default="resnet50,sanet50", help="comma-separated subset of resnet50,sanet50")
+    add_models_arg(p, what="the models to evaluate (one or more)")
     p.add_argument("--no-probe", action="store_true", help="skip the group probe (top-1 and SA profiles only)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between saved partial sums")
     p.add_argument("--fresh", action="store_true", help="discard saved partial sums and start over")
@@ -87,18 +89,14 @@ def run(args: argparse.Namespace) -> int:
     if threading_main():
         signal.signal(signal.SIGTERM, on_term)
     try:
-        wanted = [k.strip() for k in args.models.split(",") if k.strip()]
-        unknown = set(wanted) - {"resnet50", "sanet50"}
-        if unknown or not wanted:
-            raise ValueError(f"--models: choose from resnet50,sanet50 (got {args.models!r})")
+        wanted = model_keys(args, exactly=None)
         figure_classes = [int(c) for c in args.figure_classes.split(",")] if args.figure_classes else None
         scanned = scan_dataset(args.data, classes_file=args.classes, labels_file=args.labels,
                                num_classes=min(MODEL_SPECS[k].num_classes for k in wanted))
         samples = select_balanced(scanned.samples, args.limit)
-        lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=device_name,
-                       weights_dir=args.weights_dir, require_pretrained=args.require_pretrained,
+        lab = Lab.load(models=wanted, specs={key: getattr(args, key, None) for key in MODEL_SPECS},
+                       device=device_name, weights_dir=args.weights_dir, require_pretrained=args.require_pretrained,
                        compile_probe=args.compile, log=log)
-        lab = lab.subset(wanted)
         device = lab.device
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -27,7 +27,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     cv = wsub.add_parser("convert", help="write a checkpoint as .safetensors (prefixes stripped)")
     cv.add_argument("source", type=Path)
     cv.add_argument("dest", type=Path)
-    cv.add_argument("--model", choices=["resnet50", "sanet50"], help="check the keys against this model")
+    from ..weights import MODEL_SPECS
+
+    cv.add_argument("--model", choices=list(MODEL_SPECS), help="check the keys against this model")
     w.set_defaults(weights_command="show", run=run)
     return w
 
@@ -50,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
         status = status or (0 if ok else 1)
         report[key] = entry
         mark = "pretrained" if entry["pretrained"] else "UNTRAINED"
-        print(f"{spec.display_name:9s} {mark:10s} {entry['kind']:11s} {entry['location']}"
-              + (f"\n{'':32s}sha256 {entry['sha256']}" if entry.get("sha256") else "")
-              + (f"\n{'':32s}{entry['how_to_fix']}" if "how_to_fix" in entry else ""),
+        print(f"{spec.display_name:13s} {mark:10s} {entry['kind']:11s} {entry['location']}"
+              + (f"\n{'':36s}sha256 {entry['sha256']}" if entry.get("sha256") else "")
+              + (f"\n{'':36s}{entry['how_to_fix']}" if "how_to_fix" in entry else ""),
               file=sys.stderr if as_json else sys.stdout)
     if as_json:
         print(json.dumps(report, indent=2))
