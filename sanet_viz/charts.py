@@ -21,11 +21,13 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .attention import GateProfile
 from .correlation import CONSTANT_STD, ClassCorrelation
 from .faithfulness import Curve, Randomization
 from .results import AnalysisResult, ModelResult
 
 __all__ = ["overlay", "overlay_pair", "probe_chart", "group_grid", "gates_heatmap", "gates_lines",
+           "channel_gates_chart", "model_gates_chart", "gates_across_depth",
            "correlation_matrices", "correlation_vs_depth", "faithfulness_curves", "randomization_chart",
            "randomization_strip", "save", "to_image", "CAM_CMAP", "BRANCH_COLOURS"]
 
@@ -187,10 +189,7 @@ def gates_lines(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     for branch, colour in BRANCH_COLOURS.items():
         values = [float(np.mean(sa_gates[d][branch])) for d in depths]
         ax.plot(range(len(depths)), values, marker="o", color=colour, label=f"{branch} gate")
-    stages = [d.split("_")[1] for d in depths]
-    for i in range(1, len(stages)):
-        if stages[i] != stages[i - 1]:
-            ax.axvline(i - 0.5, color="#cccccc", lw=1)
+    _stage_lines(ax, depths)
     ax.set_xticks(range(len(depths)), depths, rotation=60, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean gate over the 64 groups", fontsize=9)
@@ -200,6 +199,89 @@ def gates_lines(sa_gates: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
         ax.text(0.5, 0.2, "flat: untrained SA layers (every gate = sigmoid(1))", transform=ax.transAxes,
                 ha="center", fontsize=8, color="#b00020")
     ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def _stage_lines(ax: Any, depths: Sequence[str]) -> None:
+    """Grey vertical lines between stages (depth names end in _<stage>_<block>)."""
+    stages = [d.split("_")[-2] for d in depths]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            ax.axvline(i - 0.5, color="#cccccc", lw=1)
+
+
+def channel_gates_chart(profile: GateProfile, *, title: str = "", untrained: bool = False) -> Figure:
+    """A channel-attention model's gates (SE, ECA: one per channel), module by module: the spread
+    over the module's channels (box 25-75%, whiskers 5-95%) and their mean (dot)."""
+    depths = profile.depths
+    data = [np.asarray(profile.values[d]["channel"], np.float64) for d in depths]
+    fig, ax = _subplots(figsize=(10, 3.6))
+    ax.boxplot(data, positions=range(len(depths)), whis=(5, 95), showfliers=False, widths=0.6, patch_artist=True,
+               boxprops={"facecolor": "#c6dbef", "edgecolor": BRANCH_COLOURS["channel"]},
+               medianprops={"color": BRANCH_COLOURS["channel"]})
+    ax.plot(range(len(depths)), [float(v.mean()) for v in data], "o", ms=4, color="black", label="mean over channels")
+    _stage_lines(ax, depths)
+    ax.set_xticks(range(len(depths)), [f"{d}\n{len(v)} ch" for d, v in zip(depths, data, strict=True)],
+                  rotation=60, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("gate (0 closed, 1 open)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    heading = title or f"{profile.layout.title} gates, module by module"
+    ax.set_title(f"{heading}: one gate per channel (box: 25-75% of the channels, whiskers 5-95%)"
+                 + (f"\n{UNTRAINED_NOTE}" if untrained else ""), fontsize=9,
+                 color="#b00020" if untrained else "black")
+    fig.tight_layout()
+    return fig
+
+
+def model_gates_chart(m: ModelResult) -> Figure | None:
+    """The gates picture of one model: SA's depth x group heatmaps, SE's and ECA's per-channel
+    spreads; None for a model without attention gates."""
+    if m.sa_gates:
+        return gates_heatmap(m.sa_gates, title=f"{m.display_name}: SA gates across depth{_weights_tag(m)}")
+    if m.gates is not None:
+        return channel_gates_chart(m.gates, title=f"{m.display_name}: {m.gates.layout.kind} gates",
+                                   untrained=not m.weights.pretrained)
+    return None
+
+
+GATE_MODEL_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b")
+
+
+def gates_across_depth(results: Sequence[ModelResult]) -> Figure:
+    """Every gated model's gates on one axis of depth (stage_block 2_1 ... 5_3): per module and
+    branch the mean gate (line) and the middle half of its groups or channels (band), each in the
+    unit it has (SA: the 64 groups' mean channel and spatial gates; SE, ECA: per channel)."""
+    gated = [m for m in results if m.gates is not None]
+    positions = sorted({d.split("_", 1)[1] for m in gated for d in m.gates.depths},  # type: ignore[union-attr]
+                       key=lambda p: tuple(int(v) for v in p.split("_")))
+    fig, ax = _subplots(figsize=(10, 3.8))
+    untrained = False
+    for i, m in enumerate(gated):
+        profile = m.gates
+        assert profile is not None
+        colour = GATE_MODEL_COLOURS[i % len(GATE_MODEL_COLOURS)]
+        where = [positions.index(d.split("_", 1)[1]) for d in profile.depths]
+        for branch in profile.layout.branches:
+            values = [np.asarray(profile.values[d][branch], np.float64) for d in profile.depths]
+            unit = "its 64 groups" if profile.layout.unit == "group" else "its channels"
+            tag = "" if m.weights.pretrained else " (UNTRAINED)"
+            untrained |= not m.weights.pretrained
+            style = "-" if branch == "channel" else "--"
+            ax.plot(where, [float(v.mean()) for v in values], style, marker="o", ms=3, color=colour,
+                    label=f"{m.display_name}{tag}: {profile.layout.kind} {branch} gate, mean over {unit}")
+            ax.fill_between(where, [float(np.percentile(v, 25)) for v in values],
+                            [float(np.percentile(v, 75)) for v in values], color=colour, alpha=0.12, lw=0)
+    _stage_lines(ax, [f"x_{p}" for p in positions])
+    ax.set_xticks(range(len(positions)), positions, fontsize=8)
+    ax.set_xlabel("depth: stage_block (stage 2-5 = layer1-layer4)", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("gate (0 closed, 1 open)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Attention gates across depth, each in its own unit (band: middle half of the groups or "
+                 "channels)" + (f"\n{UNTRAINED_NOTE}" if untrained else ""), fontsize=9,
+                 color="#b00020" if untrained else "black")
     fig.tight_layout()
     return fig
 

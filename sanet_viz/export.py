@@ -40,15 +40,28 @@ def write_result(result: AnalysisResult, folder: str | Path, *, opacity: float =
                                   f"of {grid_source.probe.paper_name if grid_source.probe else 'layer4.2'}"),
                 str(folder / "groups.png"))
     pictures["groups"] = "groups.png"
-    if sanet is not None and sanet.sa_gates:
-        charts.save(charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates across depth"),
-                    str(folder / "gates.png"))
-        pictures["gates"] = "gates.png"
+    pictures.update(_gates_pictures(result, folder))
     pictures.update(_faithfulness_pictures(result, folder))
     data = result.to_dict(cam_files)
     data["files"] = pictures
     (folder / RESULT_FILE).write_text(json.dumps(data, indent=2))
     return data
+
+
+def _gates_pictures(result: AnalysisResult, folder: Path) -> dict[str, str]:
+    """Each gated model's gates: gates.png for SA (as always), gates_<key>.png for SE and ECA, and
+    gates_across_depth.png when two models have gates (both on one axis of depth)."""
+    pictures = {}
+    for key, m in result.models.items():
+        name = "gates" if m.sa_gates else f"gates_{key}"
+        fig = charts.model_gates_chart(m)
+        if fig is not None:
+            charts.save(fig, str(folder / f"{name}.png"))
+            pictures[name] = f"{name}.png"
+    if sum(m.gates is not None for m in result.models.values()) > 1:
+        charts.save(charts.gates_across_depth(list(result.models.values())), str(folder / "gates_across_depth.png"))
+        pictures["gates_across_depth"] = "gates_across_depth.png"
+    return pictures
 
 
 def _faithfulness_pictures(result: AnalysisResult, folder: Path) -> dict[str, str]:

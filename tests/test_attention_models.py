@@ -254,4 +254,8 @@ def test_any_two_models_analyse_side_by_side_with_their_gates(tmp_path: Path) ->
         "channel"]
     assert len(se["top5"]) == 5 and np.load(tmp_path / se["cam"]["file"]).shape == (224, 224)
     assert json.loads((tmp_path / "result.json").read_text())["models"]["seresnet50"]["gates"]["kind"] == "SE"
+    # Pictures: SA's heatmaps as always, SE's per-channel spreads, both on one axis of depth.
+    for picture in ("gates", "gates_seresnet50", "gates_across_depth"):
+        assert data["files"][picture] == f"{picture}.png"
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in data["files"].values())
     assert not any(m._forward_hooks for lm in lab.models.values() for m in lm.model.modules())
