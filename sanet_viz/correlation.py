@@ -1,8 +1,9 @@
-"""Class correlation of SA gate profiles across depth (the paper's class-specificity analysis).
+"""Class correlation of attention gate profiles across depth (the paper's class-specificity analysis).
 
 An image's SA profile at one depth is its 64 mean channel gates followed by its 64 mean spatial
-gates. Per depth: the mean profile of each class, the class x class Pearson correlation of those
-means, and the mean between-class (off-diagonal) correlation. The paper reads: high at early
+gates; an SE or ECA profile is its gate of every channel (256 ... 2048). Per depth: the mean
+profile of each class, the class x class Pearson correlation of those means, and the mean
+between-class (off-diagonal) correlation. The paper reads: high at early
 depths (groups shared between classes), falling with depth (class-specific).
 
 A correlation with a constant profile is undefined, and so is reported: NaN here, null in JSON,
@@ -27,9 +28,10 @@ CONSTANT_STD = 1e-6
 
 
 def profile_of(gates: Mapping[str, Mapping[str, Sequence[float] | np.ndarray]], depth: str) -> np.ndarray:
-    """One image's profile at ``depth``: [channel gates (G), spatial gates (G)]."""
+    """One image's profile at ``depth``: its branches one after another: SA's [channel gates (G),
+    spatial gates (G)], SE's and ECA's channel gates (one per channel)."""
     g = gates[depth]
-    return np.concatenate([np.asarray(g["channel"], np.float64), np.asarray(g["spatial"], np.float64)])
+    return np.concatenate([np.asarray(g[b], np.float64) for b in ("channel", "spatial") if b in g])
 
 
 def class_means(profiles: np.ndarray, labels: Sequence[int | str]) -> tuple[list[int | str], np.ndarray]:
