@@ -1,9 +1,10 @@
 """Paper-style comparison figures for slides and handouts, and vector output with text kept as text.
 
 A comparison figure has one row per image and, by default, three columns: the input (the 224x224
-centre crop the models see), ResNet50's CAM over it and SANet50's, optionally their difference.
-Every map is titled with the class it explains and that class's softmax probability; the CAMs
-share one colour bar on [0, 1], the difference (SANet50 minus ResNet50, on [-1, 1]) has its own
+centre crop the models see), the first model's CAM over it and the second's (ResNet50 and SANet50
+unless other registered models are named), optionally their difference. Every map is titled with
+the class it explains and that class's softmax probability; the CAMs share one colour bar on
+[0, 1], the difference (the second model's map minus the first's, on [-1, 1]) has its own
 diverging one. A figure of untrained models says so in red above the maps.
 
 Geometry is computed in inches (:class:`Layout`), so nothing depends on a renderer's guesses:
@@ -34,16 +35,17 @@ from .cam import CAM_METHODS
 from .lab import Lab
 from .preprocessing import PreparedImage
 from .results import AnalysisOptions, AnalysisResult, ModelResult
-from .weights import untrained_warning
+from .weights import DEFAULT_MODELS, MODEL_SPECS, untrained_warning
 
-__all__ = ["COLUMNS", "DEFAULT_COLUMNS", "DIFF_CMAP", "FORMATS", "LAYOUTS", "Layout", "parse_columns",
+__all__ = ["COLUMNS", "ALL_COLUMNS", "DEFAULT_COLUMNS", "DIFF_CMAP", "FORMATS", "LAYOUTS", "Layout", "parse_columns",
            "models_for", "explain_for_figure", "comparison_figure", "result_figure", "max_images", "text_as_text",
            "figure_bytes", "svg_bytes", "save_figure"]
 
-MODEL_COLUMNS = ("resnet50", "sanet50")
-COLUMNS = ("input", *MODEL_COLUMNS, "difference")
+MODEL_COLUMNS = DEFAULT_MODELS  # the default pair
+COLUMNS = ("input", *MODEL_COLUMNS, "difference")  # every column of the default pair's figure
+ALL_COLUMNS = ("input", *MODEL_SPECS, "difference")  # any registered model may be a column
 DEFAULT_COLUMNS = ("input", "resnet50", "sanet50")
-DIFF_CMAP = "RdBu_r"  # red: SANet50's map is higher; blue: ResNet50's is
+DIFF_CMAP = "RdBu_r"  # red: the second model's map is higher; blue: the first's
 FORMATS = ("pdf", "svg", "png")
 # Text stays text: SVG <text> elements instead of glyph paths; TrueType (Type 42) fonts in PDF
 # and PostScript instead of Type 3, so the words can be searched, selected and edited.
@@ -76,27 +78,37 @@ LAYOUTS: dict[str, Layout] = {
 def parse_columns(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"input,resnet50,sanet50,difference"`` (or a sequence) -> checked column names, in order."""
     names = [c.strip().lower() for c in (text.split(",") if isinstance(text, str) else text) if c.strip()]
-    unknown = [c for c in names if c not in COLUMNS]
+    unknown = [c for c in names if c not in ALL_COLUMNS]
     if unknown or not names:
         raise ValueError(f"unknown figure column(s) {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(COLUMNS)}")
+                         f"choose from {', '.join(ALL_COLUMNS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"a figure column appears twice in {','.join(names)}")
     return tuple(names)
 
 
-def models_for(columns: Sequence[str]) -> tuple[str, ...]:
-    """The models the columns show (the difference needs both)."""
-    wanted = set(columns) & set(MODEL_COLUMNS)
+def models_for(columns: Sequence[str], pair: Sequence[str] = DEFAULT_MODELS) -> tuple[str, ...]:
+    """The models the columns show, the ``pair`` first in its order (the difference needs both of
+    it: the second's map minus the first's)."""
+    shown = [c for c in columns if c in MODEL_SPECS]
     if "difference" in columns:
-        wanted |= set(MODEL_COLUMNS)
-    return tuple(k for k in MODEL_COLUMNS if k in wanted)
+        strangers = [c for c in shown if c not in pair]
+        if strangers or len(pair) != 2:
+            raise ValueError(f"the difference column compares {' and '.join(pair)}; the columns also name "
+                             f"{', '.join(strangers)}" if strangers else "the difference column needs two models")
+        shown += list(pair)
+    return tuple(k for k in pair if k in shown) + tuple(dict.fromkeys(k for k in shown if k not in pair))
+
+
+def _pair_of(result: AnalysisResult) -> tuple[str, ...]:
+    """The result's two models in analysis order (the difference: second minus first), else the default."""
+    return tuple(result.models) if len(result.models) == 2 else DEFAULT_MODELS
 
 
 def explain_for_figure(lab: Lab, image: PreparedImage, options: AnalysisOptions, *, name: str,
                        columns: Sequence[str] = DEFAULT_COLUMNS) -> AnalysisResult:
     """The CAM pass (:func:`analysis.explain`) of the models the columns show: no probe, no gates."""
-    keys = models_for(columns)
+    keys = models_for(columns, tuple(lab.models) if len(lab.models) == 2 else DEFAULT_MODELS)
     missing = [k for k in keys if k not in lab.models]
     if missing:
         raise ValueError(f"the figure's columns need {', '.join(missing)}, which this lab has not loaded")
@@ -142,18 +154,19 @@ def _caption(method: str, layer: str, target: int | None) -> str:
     return f"{_method_label(method)} at {where}; {explained} (name and probability above it)"
 
 
-def _column_header(column: str, names: dict[str, str], untrained: set[str]) -> tuple[str, str]:
+def _column_header(column: str, names: dict[str, str], untrained: set[str],
+                   pair: Sequence[str]) -> tuple[str, str]:
     if column == "input":
         return "input", "black"
     if column == "difference":
-        return f"{names['sanet50']} − {names['resnet50']}", "black"
+        return f"{names[pair[1]]} − {names[pair[0]]}", "black"
     if column in untrained:
         return f"{names[column]} (UNTRAINED)", _UNTRAINED_COLOUR
     return names[column], "black"
 
 
-def _bars(columns: Sequence[str], method: str, names: dict[str, str]) -> list[_Bar]:
-    cams = tuple(i for i, c in enumerate(columns) if c in MODEL_COLUMNS)
+def _bars(columns: Sequence[str], method: str, names: dict[str, str], pair: Sequence[str]) -> list[_Bar]:
+    cams = tuple(i for i, c in enumerate(columns) if c in MODEL_SPECS)
     if "difference" in columns and cams and min(cams) < columns.index("difference") < max(cams):
         cams = (cams[0],)  # a bar spanning the difference column would read as its scale
     bars = []
@@ -161,32 +174,34 @@ def _bars(columns: Sequence[str], method: str, names: dict[str, str]) -> list[_B
         bars.append(_Bar(cams, charts.CAM_CMAP, (0.0, 1.0), (0.0, 0.5, 1.0),
                          f"{_method_label(method)}: 0 = least, 1 = most relevant to the class explained"))
     if "difference" in columns:
-        sanet, resnet = names["sanet50"], names["resnet50"]
+        second, first = names[pair[1]], names[pair[0]]
         bars.append(_Bar((columns.index("difference"),), DIFF_CMAP, (-1.0, 1.0), (-1.0, 0.0, 1.0),
-                         f"{sanet} − {resnet} (red: {sanet} higher; blue: {resnet} higher)"))
+                         f"{second} − {first} (red: {second} higher; blue: {first} higher)"))
     return bars
 
 
 def _texts(results: Sequence[AnalysisResult], columns: Sequence[str]) -> _Texts:
     first = next(iter(results[0].models.values()))
-    names = {key: m.display_name for r in results for key, m in r.models.items()}
-    names = {k: names.get(k, default) for k, default in (("resnet50", "ResNet50"), ("sanet50", "SANet50"))}
+    names = {key: spec.display_name for key, spec in MODEL_SPECS.items()}
+    names.update({key: m.display_name for r in results for key, m in r.models.items()})
     untrained_keys = {key for r in results for key, m in r.models.items() if not m.weights.pretrained}
     untrained = list(dict.fromkeys(n for r in results for n in r.untrained))
     notes = [(untrained_warning(untrained, subject="these maps"), _UNTRAINED_COLOUR)] if untrained else []
     notes.append((_caption(first.cam_method, first.cam_layer, results[0].options.target_class), "#333333"))
-    return _Texts(notes, [_column_header(c, names, untrained_keys) for c in columns],
-                  _bars(columns, first.cam_method, names))
+    pair = _pair_of(results[0])
+    return _Texts(notes, [_column_header(c, names, untrained_keys, pair) for c in columns],
+                  _bars(columns, first.cam_method, names, pair))
 
 
-def _worst_texts(columns: Sequence[str]) -> _Texts:
+def _worst_texts(columns: Sequence[str], pair: Sequence[str] = DEFAULT_MODELS) -> _Texts:
     """The longest texts a figure of these columns can have: for checking the size before any work."""
-    names = {"resnet50": "ResNet50", "sanet50": "SANet50"}
+    names = {key: spec.display_name for key, spec in MODEL_SPECS.items()}
     longest = max(CAM_METHODS, key=lambda m: len(_method_label(m)))
-    notes = [(untrained_warning(list(names.values()), subject="these maps"), _UNTRAINED_COLOUR),
+    shown = models_for(columns, pair)
+    notes = [(untrained_warning([names[k] for k in shown], subject="these maps"), _UNTRAINED_COLOUR),
              (_caption(longest, "layer4.2", None), "#333333")]
-    return _Texts(notes, [_column_header(c, names, set(MODEL_COLUMNS)) for c in columns],
-                  _bars(columns, longest, names))
+    return _Texts(notes, [_column_header(c, names, set(MODEL_SPECS), pair) for c in columns],
+                  _bars(columns, longest, names, pair))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,10 +321,11 @@ def _arrange(box: Layout, texts: _Texts, images: int) -> _Geometry:
     return max(options, key=lambda g: (round(g.map_size, 3), -g.blocks, -g.bars_right))
 
 
-def max_images(*, columns: Sequence[str] = DEFAULT_COLUMNS, layout: str | Layout = "slide") -> int:
+def max_images(*, columns: Sequence[str] = DEFAULT_COLUMNS, layout: str | Layout = "slide",
+               pair: Sequence[str] = DEFAULT_MODELS) -> int:
     """How many images one figure of these columns holds legibly in ``layout`` (at most 200)."""
     box = LAYOUTS[layout] if isinstance(layout, str) else layout
-    texts = _worst_texts(parse_columns(columns))
+    texts = _worst_texts(parse_columns(columns), pair)
     low, high = 1, 200  # legibility falls with the image count: bisect
     if not _arrange(box, texts, 1).legible:
         return 0
@@ -341,7 +357,7 @@ def _cell_title(result: AnalysisResult, column: str, width: float, font: float) 
         w, h = result.original_size
         return fit(Path(result.image_name).name) + "\n" + fit(f"crop of {w}x{h}"), "black"
     if column == "difference":
-        a, b = (result.models[k] for k in MODEL_COLUMNS)
+        a, b = (result.models[k] for k in _pair_of(result))
         same = a.target_class == b.target_class
         return fit("same class" if same else "classes differ") + "\n" + \
             fit(f"max |Δ| {np.abs(b.cam - a.cam).max():.2f}"), "black" if same else _UNTRAINED_COLOUR
@@ -356,7 +372,7 @@ def _draw_cell(fig: Figure, rect: tuple[float, float, float, float], result: Ana
     if column == "input":
         picture = result.display
     elif column == "difference":
-        a, b = (result.models[k] for k in MODEL_COLUMNS)
+        a, b = (result.models[k] for k in _pair_of(result))
         picture = _diff_overlay(result.display, b.cam - a.cam, opacity=opacity)
     else:
         picture = charts.overlay(result.display, result.models[column].cam, opacity=opacity)
@@ -415,7 +431,7 @@ def comparison_figure(results: Sequence[AnalysisResult], *, columns: Sequence[st
     if not results:
         raise ValueError("a figure needs at least one result")
     for r in results:
-        missing = [k for k in models_for(columns) if k not in r.models]
+        missing = [k for k in models_for(columns, _pair_of(r)) if k not in r.models]
         if missing:
             raise ValueError(f"{r.image_name}: no {', '.join(missing)} in this result, which the columns need")
     texts = _texts(results, columns)
@@ -423,7 +439,8 @@ def comparison_figure(results: Sequence[AnalysisResult], *, columns: Sequence[st
     if not g.legible:
         raise ValueError(f"{len(results)} images do not fit one {box.name} figure of {len(columns)} columns "
                          f"legibly (maps would be {g.map_size:.2f} in wide); at most "
-                         f"{max_images(columns=columns, layout=box)} do: make several figures")
+                         f"{max_images(columns=columns, layout=box, pair=_pair_of(results[0]))} do: make several "
+                         "figures")
     fig = Figure(figsize=(g.width, g.height))
     _draw_headers(fig, texts, g)
     for image, result in enumerate(results):
@@ -433,10 +450,11 @@ def comparison_figure(results: Sequence[AnalysisResult], *, columns: Sequence[st
     return fig
 
 
-def result_figure(result: AnalysisResult, *, columns: Sequence[str] = DEFAULT_COLUMNS,
+def result_figure(result: AnalysisResult, *, columns: Sequence[str] | None = None,
                   layout: str | Layout = "slide", opacity: float = 0.5) -> Figure:
-    """The comparison figure of one already computed result (e.g. the app's current image)."""
-    return comparison_figure([result], columns=columns, layout=layout, opacity=opacity)
+    """The comparison figure of one already computed result (e.g. the app's current image); by
+    default the input and each of its models."""
+    return comparison_figure([result], columns=columns or ("input", *result.models), layout=layout, opacity=opacity)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .analysis import AnalysisOptions, analyze, faithfulness_verdict
 from .lab import Lab
 from .preprocessing import ImageInput
 from .results import AnalysisResult, ModelResult
-from .weights import untrained_warning
+from .weights import DEFAULT_MODELS, parse_model_keys, untrained_warning
 
 __all__ = ["load", "NotebookLab", "NotebookResult"]
 
@@ -77,7 +77,7 @@ class NotebookResult:
         return self.raw.all_pretrained
 
     def cam(self, model: str = "sanet50") -> np.ndarray:
-        """The (224, 224) CAM in [0, 1] of ``model`` (``resnet50`` or ``sanet50``)."""
+        """The (224, 224) CAM in [0, 1] of ``model`` (a key of the result: ``resnet50``, ``sanet50``, ...)."""
         return self._model(model).cam
 
     def overlays(self, *, opacity: float = 0.5) -> Figure:
@@ -96,10 +96,22 @@ class NotebookResult:
         layer = m.probe.paper_name if m.probe else "layer4.2"
         return _detached(charts.group_grid(m.group_maps, title=f"{_name(m)}: 64 group maps of {layer}"))
 
-    def gates(self) -> Figure:
-        """SANet50's mean channel and spatial gates, depth x group (the CLI's gates.png)."""
-        m, gates = self._gates()
-        return _detached(charts.gates_heatmap(gates, title=f"{_name(m)}: SA gates across depth"))
+    def gates(self, model: str = "sanet50") -> Figure:
+        """A gated model's gates across depth (the CLI's gates.png for SANet50: depth x group;
+        gates_<key>.png for SE and ECA: the spread over each module's channels)."""
+        m = self._model(model)
+        if m.sa_gates:
+            return _detached(charts.gates_heatmap(m.sa_gates, title=f"{_name(m)}: SA gates across depth"))
+        fig = charts.model_gates_chart(m)
+        if fig is None:
+            raise ValueError(f"{m.display_name} has no attention gates (or the analysis ran with gates=False)")
+        return _detached(fig)
+
+    def gates_across_depth(self) -> Figure:
+        """Every gated model of the result on one axis of depth, each in its own unit."""
+        if not any(m.gates is not None for m in self.raw.models.values()):
+            raise ValueError("no gates in this result: no model has attention modules, or gates=False")
+        return _detached(charts.gates_across_depth(list(self.raw.models.values())))
 
     def gates_by_depth(self) -> Figure:
         """SANet50's gates averaged over groups, one point per SA module."""
@@ -121,11 +133,12 @@ class NotebookResult:
         """One sentence: which map the faithfulness numbers favour, and how far to trust that."""
         return faithfulness_verdict(self.raw)
 
-    def figure(self, *, columns: str | Sequence[str] = figures.DEFAULT_COLUMNS, layout: str = "slide",
+    def figure(self, *, columns: str | Sequence[str] | None = None, layout: str = "slide",
                opacity: float = 0.5) -> Figure:
-        """The comparison figure (``python -m sanet_viz figure``) of this one picture."""
-        return figures.result_figure(self.raw, columns=figures.parse_columns(columns), layout=layout,
-                                     opacity=opacity)
+        """The comparison figure (``python -m sanet_viz figure``) of this one picture; by default
+        the input and each model's map."""
+        return figures.result_figure(self.raw, columns=figures.parse_columns(columns) if columns else None,
+                                     layout=layout, opacity=opacity)
 
     def to_dict(self) -> dict[str, Any]:
         """result.json's contract (the CLI's, without file names)."""
@@ -150,7 +163,7 @@ class NotebookResult:
 
 
 class NotebookLab:
-    """Both models, loaded once (``.lab``, a :class:`sanet_viz.lab.Lab`)."""
+    """The models, loaded once (``.lab``, a :class:`sanet_viz.lab.Lab`)."""
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
@@ -192,7 +205,7 @@ class NotebookLab:
         return NotebookResult(analyze(self.lab, prepared, self.options(**options), name=shown))
 
     def figure(self, images: Sequence[str | Path | NotebookResult], *,
-               columns: str | Sequence[str] = figures.DEFAULT_COLUMNS, layout: str = "slide",
+               columns: str | Sequence[str] | None = None, layout: str = "slide",
                opacity: float = 0.5, method: str = "gradcam", target_class: int | None = None,
                layer: str | None = None) -> Figure:
         """The comparison figure (``python -m sanet_viz figure``) of several pictures, one per row.
@@ -200,7 +213,7 @@ class NotebookLab:
         ``images``: paths (their CAMs are computed with ``method``, ``target_class`` and ``layer``)
         or results of :meth:`analyze` (drawn as they are).
         """
-        columns = figures.parse_columns(columns)
+        columns = figures.parse_columns(columns or ("input", *self.lab.models))
         options = self.options(method=method, target_class=target_class, layer=layer, probe=False, gates=False)
         results = [image.raw if isinstance(image, NotebookResult) else
                    figures.explain_for_figure(self.lab, self.lab.prepare(image, name=str(image)), options,
@@ -209,16 +222,19 @@ class NotebookLab:
         return figures.comparison_figure(results, columns=columns, layout=layout, opacity=opacity)
 
 
-def load(*, resnet50: str | None = None, sanet50: str | None = None, device: str = "auto",
+def load(*, models: str | Sequence[str] = DEFAULT_MODELS, resnet50: str | None = None, sanet50: str | None = None,
+         specs: Mapping[str, str | None] | None = None, device: str = "auto",
          weights_dir: str | Path | None = None, require_pretrained: bool = False,
          verbose: bool = True) -> NotebookLab:
-    """Load ResNet50 and SANet50 once, with the weights rules of the CLI and the app.
+    """Load the models once (ResNet50 and SANet50 unless ``models`` names others, e.g.
+    ``"sanet50,seresnet50"``), with the weights rules of the CLI and the app.
 
-    Arguments are the CLI's ``--resnet50``, ``--sanet50`` (SPECs: path, URL, hf://, "untrained"),
-    ``--weights-dir``, ``--device`` and ``--require-pretrained``. Untrained models are named,
-    with the reason, on stderr (``verbose``) and in every result.
+    Arguments are the CLI's ``--models``, ``--resnet50``, ``--sanet50`` (and ``specs={"seresnet50":
+    SPEC}`` for the others; SPECs: path, URL, hf://, "untrained"), ``--weights-dir``, ``--device``
+    and ``--require-pretrained``. Untrained models are named, with the reason, on stderr
+    (``verbose``) and in every result.
     """
-    lab = Lab.load(resnet50=resnet50, sanet50=sanet50, device=device,
+    lab = Lab.load(models=parse_model_keys(models), resnet50=resnet50, sanet50=sanet50, specs=specs, device=device,
                    weights_dir=Path(weights_dir) if weights_dir is not None else None,
                    require_pretrained=require_pretrained,
                    log=(lambda m: print(m, file=sys.stderr)) if verbose else None)

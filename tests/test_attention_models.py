@@ -259,3 +259,27 @@ def test_any_two_models_analyse_side_by_side_with_their_gates(tmp_path: Path) ->
         assert data["files"][picture] == f"{picture}.png"
     assert all((tmp_path / name).stat().st_size > 10_000 for name in data["files"].values())
     assert not any(m._forward_hooks for lm in lab.models.values() for m in lm.model.modules())
+
+
+def test_a_figure_compares_any_two_models_second_minus_first() -> None:
+    import re
+
+    from sanet_viz import figures
+
+    lab = _tiny_se_lab()
+    image = lab.prepare(EXAMPLES / "coffee.jpg")
+    columns = figures.parse_columns("input,sanet50,seresnet50,difference")
+    assert figures.models_for(columns, ("sanet50", "seresnet50")) == ("sanet50", "seresnet50")
+    result = figures.explain_for_figure(lab, image, AnalysisOptions(num_classes=10), name="cup", columns=columns)
+    svg = figures.svg_bytes(figures.comparison_figure([result], columns=columns)).decode()
+    words = " ".join(re.findall(r"<text[^>]*>([^<]*)</text>", svg))
+    assert "Tiny SE − Tiny SANet" in words and "red: Tiny SE higher" in words
+    fig = figures.comparison_figure([result], columns=("difference",))
+    (ax,) = [a for a in fig.axes if a.images]
+    expected = figures._diff_overlay(result.display, result.models["seresnet50"].cam - result.models["sanet50"].cam,
+                                     opacity=0.5)
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+    with pytest.raises(ValueError, match="the difference column compares sanet50 and seresnet50; the columns also "
+                                         "name ecaresnet50d"):
+        figures.models_for(("ecaresnet50d", "difference"), ("sanet50", "seresnet50"))
+    assert len([a for a in figures.result_figure(result).axes if a.images]) == 3  # input and both maps

@@ -118,13 +118,14 @@ def model_keys(args: argparse.Namespace, *, exactly: int | None = 2) -> tuple[st
     return parse_model_keys(getattr(args, "models", None) or DEFAULT_MODELS, exactly=exactly)
 
 
-def load_lab(args: argparse.Namespace, *, compile_probe: bool = False, exactly: int | None = 2) -> Lab:
-    """The --models (default ResNet50 and SANet50) with the model arguments (:func:`add_model_args`),
-    with a warning per untrained one."""
+def load_lab(args: argparse.Namespace, *, compile_probe: bool = False, exactly: int | None = 2,
+             models: Sequence[str] | None = None) -> Lab:
+    """The --models (default ResNet50 and SANet50), or ``models`` when given, with the model
+    arguments (:func:`add_model_args`), with a warning per untrained one."""
     from ..lab import Lab
     from ..weights import MODEL_SPECS, untrained_warning
 
-    lab = Lab.load(models=model_keys(args, exactly=exactly),
+    lab = Lab.load(models=models or model_keys(args, exactly=exactly),
                    specs={key: getattr(args, key, None) for key in MODEL_SPECS}, device=args.device,
                    weights_dir=args.weights_dir, require_pretrained=args.require_pretrained,
                    compile_probe=compile_probe, log=lambda m: print(m, file=sys.stderr))

@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_cam_args, add_model_args, error, load_lab, prepared_images, warn
+from .common import add_cam_args, add_model_args, add_models_arg, error, load_lab, model_keys, prepared_images, warn
 
 __all__ = ["add_parser", "run"]
 
 # Kept here as well as in figures.py so that --help imports no matplotlib or torch.
 _FORMATS = (".pdf", ".svg", ".png")
-_COLUMNS_HELP = ("comma-separated columns from input, resnet50, sanet50, difference "
-                 "(default: input,resnet50,sanet50; difference = SANet50's map minus ResNet50's)")
+_COLUMNS_HELP = ("comma-separated columns from input, the --models (or any registered model's key), difference "
+                 "(default: input and the two --models; difference = the second model's map minus the first's)")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -25,11 +25,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "probability, on one colour scale. Text in PDF and SVG stays text.")
     f.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     f.add_argument("--out", type=Path, required=True, help="output file: .pdf, .svg or .png")
-    f.add_argument("--columns", default="input,resnet50,sanet50", help=_COLUMNS_HELP)
+    f.add_argument("--columns", help=_COLUMNS_HELP)
     f.add_argument("--layout", default="slide", choices=["slide", "page"],
                    help="slide: a 16:9 slide (13.33 x 7.5 in); page: an A4 text block (170 x 240 mm)")
     f.add_argument("--dpi", type=int, default=200, help="resolution of PNG output (default 200)")
     f.add_argument("--opacity", type=float, default=0.5, help="of the maps over the image (0-1, default 0.5)")
+    add_models_arg(f, what="the two models whose maps the figure compares")
     add_model_args(f)
     add_cam_args(f)
     f.set_defaults(run=run)
@@ -51,15 +52,17 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisOptions
     from ..weights import MODEL_SPECS, untrained_warning
 
-    columns = figures.parse_columns(args.columns)
-    limit = figures.max_images(columns=columns, layout=args.layout)
+    pair = model_keys(args)
+    columns = figures.parse_columns(args.columns or ("input", *pair))
+    needed = figures.models_for(columns, pair)
+    limit = figures.max_images(columns=columns, layout=args.layout, pair=pair)
     if len(args.images) > limit:
         raise ValueError(f"{len(args.images)} images: one {args.layout} figure of {len(columns)} columns holds at "
                          f"most {limit} legibly; make several figures")
     options = AnalysisOptions(method=args.method, target_class=args.target_class, cam_layer=args.layer,
                               probe=False, gates=False,
-                              num_classes=min(spec.num_classes for spec in MODEL_SPECS.values()))
-    lab = load_lab(args)
+                              num_classes=min(MODEL_SPECS[key].num_classes for key in needed))
+    lab = load_lab(args, models=needed)  # only what the columns show, the pair first in its order
     failed: list[Path] = []
     results = [figures.explain_for_figure(lab, image, options, name=path.name, columns=columns)
                for path, image in prepared_images(lab, args.images, failed)]
