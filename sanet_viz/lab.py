@@ -37,8 +37,8 @@ from .weights import (
     build_model,
 )
 
-__all__ = ["LoadedModel", "Lab", "load_model", "PROBE_LAYER", "resolve_device", "bf16_supported", "resolve_precision",
-           "check_compiler"]
+__all__ = ["LoadedModel", "Lab", "load_model", "fuse_sa_tail", "PROBE_LAYER", "resolve_device", "bf16_supported",
+           "resolve_precision", "check_compiler"]
 
 PROBE_LAYER = "layer4.2"  # SA_5_3
 
@@ -68,6 +68,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in {"fp32", "mixed", "bf16"}:
         raise ValueError(f"precision must be auto, fp32, mixed or bf16, got {precision!r}")
     return precision
+
+
+def fuse_sa_tail(device: torch.device) -> bool:
+    """Whether inference copies run SA, residual add and ReLU as one chunked pass
+    (:class:`models.InferenceSABottleneck`): on the CPU it is what makes SANet50's masked forwards
+    cost about ResNet50's; on CUDA its chunk loop launches many small kernels, and the unfused
+    folded SA was twice as fast (H200, torch 2.11: 0.4 vs 0.9 ms per image at batch 16,
+    benchmarks/bench_analysis.py)."""
+    return device.type == "cpu"
 
 
 def check_compiler(device: torch.device) -> None:
@@ -128,7 +137,8 @@ class LoadedModel:
         self.gate_modules = self.gate_layout.modules(self.model) if self.gate_layout else {}
         resolve_module(self.model, self.probe_layer)  # fail early on a wrong probe layer
         if self.fast_model is None and self.use_fast_model:
-            self.fast_model = models.inference_copy(self.model, channels_last=True)
+            self.fast_model = models.inference_copy(self.model, channels_last=True,
+                                                    fuse_sa=fuse_sa_tail(self.device))
         if self.fast_model is not None:
             self.fast_model.to(self.device).eval().requires_grad_(False)
 

@@ -283,3 +283,12 @@ def test_a_figure_compares_any_two_models_second_minus_first() -> None:
                                          "name ecaresnet50d"):
         figures.models_for(("ecaresnet50d", "difference"), ("sanet50", "seresnet50"))
     assert len([a for a in figures.result_figure(result).axes if a.images]) == 3  # input and both maps
+
+
+def test_the_fused_sa_tail_is_the_cpus_choice_only() -> None:
+    from sanet_viz.lab import fuse_sa_tail
+
+    assert fuse_sa_tail(torch.device("cpu")) and not fuse_sa_tail(torch.device("cuda"))
+    lm = LoadedModel("sanet50", "Tiny", tiny_sa_resnet(), WeightsInfo("untrained (test)", False),
+                     probe_layer="layer4.0", probe_groups=4)
+    assert any(isinstance(m, models.InferenceSABottleneck) for m in lm.fast_model.modules())
