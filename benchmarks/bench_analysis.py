@@ -52,7 +52,7 @@ from sanet_viz import models  # noqa: E402
 from sanet_viz.analysis import AnalysisOptions, analyze  # noqa: E402
 from sanet_viz.export import BackgroundWriter, write_result  # noqa: E402
 from sanet_viz.hooks import resolve_module  # noqa: E402
-from sanet_viz.lab import Lab, check_compiler, resolve_precision  # noqa: E402
+from sanet_viz.lab import Lab, check_compiler, fuse_sa_tail, resolve_precision  # noqa: E402
 from sanet_viz.preprocessing import PreparedImage, load_and_prepare  # noqa: E402
 from sanet_viz.probes import spearman  # noqa: E402
 from sanet_viz.weights import WeightsInfo  # noqa: E402
@@ -77,7 +77,7 @@ def load_lab(weights: str, *, device: str = "auto", compile_probe: bool = False)
         for lm in lab.models.values():
             calibrate(lm.model.cpu(), batch)
             lm.model.to(lm.device).requires_grad_(False)
-            lm.fast_model = models.inference_copy(lm.model).to(lm.device)
+            lm.fast_model = models.inference_copy(lm.model, fuse_sa=fuse_sa_tail(lm.device)).to(lm.device)
             lm.weights = WeightsInfo(CALIBRATED_SOURCE, False, note="benchmark weights")
     return lab
 
