@@ -292,3 +292,21 @@ def test_the_fused_sa_tail_is_the_cpus_choice_only() -> None:
     lm = LoadedModel("sanet50", "Tiny", tiny_sa_resnet(), WeightsInfo("untrained (test)", False),
                      probe_layer="layer4.0", probe_groups=4)
     assert any(isinstance(m, models.InferenceSABottleneck) for m in lm.fast_model.modules())
+
+
+@pytest.mark.gpu
+def test_any_pair_on_cuda_equals_cpu() -> None:
+    cpu = _tiny_se_lab()
+    gpu = Lab({key: LoadedModel(key, lm.display_name, copy.deepcopy(lm.model).cpu(), lm.weights,
+                                torch.device("cuda"), probe_layer=lm.probe_layer, probe_groups=lm.probe_groups,
+                                transform=lm.transform) for key, lm in cpu.models.items()})
+    image = cpu.prepare(EXAMPLES / "chelsea.jpg")
+    options = AnalysisOptions(precision="fp32", num_classes=10, probe_batch_size=8)
+    a, b = analyze(cpu, image, options), analyze(gpu, image, options)
+    for key in cpu.models:
+        ma, mb = a.models[key], b.models[key]
+        np.testing.assert_allclose(ma.logits, mb.logits, atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(ma.cam, mb.cam, atol=2e-3)
+        np.testing.assert_allclose(ma.probe.scores.numpy(), mb.probe.scores.numpy(), atol=1e-3)
+        for depth, values in ma.gates.values.items():
+            np.testing.assert_allclose(values["channel"], mb.gates.values[depth]["channel"], atol=1e-4)
