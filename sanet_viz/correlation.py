@@ -21,7 +21,7 @@ import numpy as np
 
 __all__ = ["profile_of", "class_means", "correlation_matrix", "mean_between_class", "ClassCorrelation",
            "class_correlation", "correlation_of_means", "nearest_classes", "constant_rows", "undefined_reason",
-           "CONSTANT_STD"]
+           "CONSTANT_STD", "SA_CONSTANT_HINT"]
 
 # Gates live in [0, 1]; a profile that varies less than this is constant (rounding noise).
 CONSTANT_STD = 1e-6
@@ -72,14 +72,17 @@ def mean_between_class(corr: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
-def undefined_reason(corr: np.ndarray, constant: np.ndarray) -> str | None:
-    """Why a depth's mean between-class correlation is undefined or partial (None if it is neither)."""
+SA_CONSTANT_HINT = "untrained SA layers give every gate sigmoid(1) = 0.731"
+
+
+def undefined_reason(corr: np.ndarray, constant: np.ndarray, constant_hint: str = SA_CONSTANT_HINT) -> str | None:
+    """Why a depth's mean between-class correlation is undefined or partial (None if it is neither).
+    ``constant_hint`` says what makes every profile constant (SA's by default)."""
     k = corr.shape[0]
     if k < 2:
         return "only one class: there is no between-class correlation"
     if constant.all():
-        return ("every class profile is constant (untrained SA layers give every gate sigmoid(1) = 0.731): "
-                "correlation is undefined")
+        return f"every class profile is constant ({constant_hint}): correlation is undefined"
     if k - int(constant.sum()) < 2:
         return "all but one class profile are constant: correlation is undefined"
     if constant.any():
@@ -126,14 +129,15 @@ def class_correlation(gates_per_image: Sequence[Mapping[str, Mapping[str, Sequen
     return correlation_of_means(depths, classes, means_per_depth)
 
 
-def correlation_of_means(depths: Sequence[str], classes: Sequence[int | str],
-                         means: Mapping[str, np.ndarray]) -> ClassCorrelation:
-    """:class:`ClassCorrelation` of per-class mean profiles (depth -> (K, D))."""
+def correlation_of_means(depths: Sequence[str], classes: Sequence[int | str], means: Mapping[str, np.ndarray], *,
+                         constant_hint: str = SA_CONSTANT_HINT) -> ClassCorrelation:
+    """:class:`ClassCorrelation` of per-class mean profiles (depth -> (K, D)); ``constant_hint``:
+    what makes every profile constant, for the note of an undefined depth."""
     matrices, mean_between, notes = {}, {}, {}
     for depth in depths:
         matrices[depth] = correlation_matrix(means[depth])
         mean_between[depth] = mean_between_class(matrices[depth])
-        note = undefined_reason(matrices[depth], constant_rows(means[depth]))
+        note = undefined_reason(matrices[depth], constant_rows(means[depth]), constant_hint)
         if note:
             notes[depth] = note
     return ClassCorrelation(list(depths), list(classes), matrices, mean_between, notes)

@@ -36,9 +36,12 @@ DONE, UNDECODABLE, FAILED, CRASHED = 0, 1, 2, 3
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "reproduce", help="the paper's group analysis over a labelled image folder (1 GPU or torchrun)",
-        description="Per model: top-1 accuracy, per-group top-1 of the SA_5_3 probe; for SANet50 per-class "
-                    "SA gate profiles and their class correlation at every depth. Launch with torchrun for "
-                    "several GPUs or machines. Rerunning the same command continues an interrupted run.")
+        description="Per model (any registered: --models): top-1 accuracy, per-group top-1 of the SA_5_3 probe; "
+                    "for every model with attention gates (SANet50's SA per group, SE-ResNet50's SE and "
+                    "ECA-ResNet50d's ECA per channel) per-class gate profiles and their class correlation at "
+                    "every depth, and all of them on one axis of depth. Each model gets its own preprocessing "
+                    "of the same crop. Launch with torchrun for several GPUs or machines. Rerunning the same "
+                    "command continues an interrupted run.")
     p.add_argument("--data", type=Path, required=True,
                    help="ImageFolder (one folder per class: class indices, or WordNet ids with --classes or "
                         "all 1000 present), or a flat folder with --labels")
@@ -55,7 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_precision_arg(p, of="of the 64 masked forwards (the unmasked forward: top-1, gates, is always fp32)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     add_models_arg(p, what="the models to evaluate (one or more)")
-    p.add_argument("--no-probe", action="store_true", help="skip the group probe (top-1 and SA profiles only)")
+    p.add_argument("--no-probe", action="store_true", help="skip the group probe (top-1 and gate profiles only)")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between saved partial sums")
     p.add_argument("--fresh", action="store_true", help="discard saved partial sums and start over")
     p.add_argument("--figure-classes", help="comma-separated class indices for the correlation-matrix figure")
@@ -204,9 +207,25 @@ def _report(result: Any, out: Path) -> None:
         if overall:
             text += f", {overall:.2f} images/s over all sessions"
     lines.append(text)
+    lines += _correlation_lines(result)
     lines += _faithfulness_lines(out)
     lines.append(f"wrote {out}/summary.json and the CSV, figures and profiles beside it")
     print("\n".join(lines), file=sys.stderr)
+
+
+def _correlation_lines(result: Any) -> list[str]:
+    """Per gated model, its mean between-class correlation at the first and last depth."""
+    if len(result.present_classes()) < 2:
+        return []
+    lines = []
+    for key in result.gated():
+        m = result.models[key]
+        corr = result.class_correlation(key)
+        ends = [(d, corr.mean_between[d]) for d in (corr.depths[0], corr.depths[-1])]
+        text = " -> ".join(f"{'undefined' if v != v else f'{v:.3f}'} ({d})" for d, v in ends)
+        lines.append(f"  {m['display_name']}: mean between-class correlation of {m['gates']['kind']} profiles {text}"
+                     + ("" if m["pretrained"] else " [UNTRAINED]"))
+    return lines
 
 
 def _faithfulness_lines(out: Path) -> list[str]:

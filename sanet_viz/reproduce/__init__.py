@@ -1,11 +1,14 @@
 """The paper's group analysis at data-set scale (``python -m sanet_viz reproduce``).
 
-Per model, over a labelled image folder: the unmasked top-1 accuracy; the top-1 accuracy of each
-of the 64 masked inputs of the SA_5_3 group probe (official semantics: for image x with label y,
-the masks a_k come from layer4.2's output chunks, and group k counts when
-argmax(model(x * a_k)) == y); for SA models, the per-class mean SA gate profiles (channel and
-spatial, one value per group) at every depth, their class x class correlation per depth and the
-mean between-class correlation against depth.
+Per model (any registered: ResNet50, SANet50, SE-ResNet50, ECA-ResNet50d), over a labelled image
+folder: the unmasked top-1 accuracy; the top-1 accuracy of each of the 64 masked inputs of the
+SA_5_3 group probe (official semantics: for image x with label y, the masks a_k come from
+layer4.2's output chunks, and group k counts when argmax(model(x * a_k)) == y); for every gated
+model, the per-class mean gate profiles at every depth in the model's own unit (SA: the channel
+and spatial gate of each group; SE, ECA: each channel's gate), their class x class correlation
+per depth and the mean between-class correlation against depth, all gated models on one axis
+of depth. Models whose preprocessing differs (bicubic for timm's weights) each get their own
+tensor of the same crop.
 
 Everything is kept as sums and counts, so the work splits over processes (torchrun: one shard of
 the data per rank, no padded duplicates, an all-reduce at the end) and over time (each rank saves

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from ..preprocessing import ImageDecodeError, decode_image, prepare
+from ..preprocessing import ImageDecodeError, decode_image, prepare, prepare_for
 from ..weights import IMAGENET_EVAL, EvalTransform
 from .classes import WNID_RE, ClassMap, DatasetError, _is_int, read_class_map, read_labels
 
 __all__ = ["IMAGE_EXTENSIONS", "Sample", "ScannedData", "scan_dataset", "select_balanced",
-           "ImageDataset", "ShardSampler", "shard_size"]
+           "ImageDataset", "ShardSampler", "shard_size", "check_same_crop"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -157,14 +157,37 @@ def select_balanced(samples: Sequence[Sample], limit: int | None) -> list[Sample
     return chosen
 
 
+def check_same_crop(transforms: Sequence[EvalTransform]) -> list[EvalTransform]:
+    """The distinct preprocessings of a run's models (in order), if they crop the same pixels.
+
+    Models may differ in interpolation and normalisation (bicubic for timm's weights): each gets
+    its own tensor of the same crop. Different resize or crop sizes raise ValueError.
+    """
+    distinct = list(dict.fromkeys(transforms))
+    first = distinct[0]
+    for other in distinct[1:]:
+        if not first.same_geometry(other):
+            raise ValueError(f"the models were evaluated with different crops ({first.resize_size}->{first.crop_size} "
+                             f"vs {other.resize_size}->{other.crop_size}): reproduce feeds every model the same "
+                             "crop of each image; run those models in separate reproduce runs (--models)")
+    return distinct
+
+
 class ImageDataset(Dataset):
-    """Decoded, preprocessed images; a file that does not decode gives ``ok=False`` and the reason."""
+    """Decoded, preprocessed images; a file that does not decode gives ``ok=False`` and the reason.
+
+    With one ``transform`` an item's tensor is (3, crop, crop). With several (the distinct
+    preprocessings of models that crop the same pixels, :func:`check_same_crop`) the picture is
+    decoded once and the tensor is (T, 3, crop, crop): the same crop under each transform, in order.
+    """
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], *,
-                 transform: EvalTransform = IMAGENET_EVAL) -> None:
+                 transform: EvalTransform | Sequence[EvalTransform] = IMAGENET_EVAL) -> None:
         self.root = Path(root)
         self.samples = list(samples)
-        self.transform = transform
+        self.transforms = check_same_crop([transform] if isinstance(transform, EvalTransform) else list(transform))
+        self.transform = self.transforms[0]
+        self.stacked = len(self.transforms) > 1
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -172,11 +195,16 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int, int, bool, str]:
         sample = self.samples[index]
         try:
-            tensor = prepare(decode_image(self.root / sample.path, name=sample.path), self.transform).tensor[0]
+            image = decode_image(self.root / sample.path, name=sample.path)
+            if not self.stacked:
+                return prepare(image, self.transform).tensor[0], sample.label, index, True, ""
+            prepared = prepare_for(image, self.transforms)
+            tensor = torch.stack([prepared.tensor_for(t)[0] for t in self.transforms])
             return tensor, sample.label, index, True, ""
         except (ImageDecodeError, OSError) as exc:
             size = self.transform.crop_size
-            return torch.zeros(3, size, size), sample.label, index, False, str(exc)
+            shape = (len(self.transforms), 3, size, size) if self.stacked else (3, size, size)
+            return torch.zeros(shape), sample.label, index, False, str(exc)
 
 
 class ShardSampler(Sampler[int]):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +22,15 @@ from torch.utils.data import DataLoader
 from .. import models
 from ..analysis import AnalysisOptions, explain_model, probe_model
 from ..cam import CAM_METHODS
-from ..hooks import FeatureCapture, SAGateRecorder, resolve_module
+from ..hooks import FeatureCapture, GateRecorder
 from ..lab import Lab, LoadedModel
 from ..preprocessing import PreparedImage
 from ..probes import group_maps
 from . import distributed
 from . import faithfulness as faith
 from .classes import DatasetError
-from .data import ImageDataset, Sample, ShardSampler, shard_size
-from .result import ReproduceResult, device_info
+from .data import ImageDataset, Sample, ShardSampler, check_same_crop, shard_size
+from .result import ReproduceResult, device_info, gate_sum_key
 from .state import Progress, ReproduceStateError, fingerprint, restore, save_state, state_path
 
 __all__ = ["ReproduceOptions", "ReproduceInterrupted", "evaluate_batch", "decide_precisions", "run"]
@@ -74,12 +75,31 @@ class ReproduceInterrupted(RuntimeError):
     """Stopped before the end; the partial sums are saved and a rerun continues."""
 
 
-def _sa_groups(lm: LoadedModel) -> int:
-    first = next(iter(lm.sa_modules.values()))
-    return int(resolve_module(lm.model, first).groups)
+@torch.no_grad()
+def gate_info(lm: LoadedModel) -> dict[str, Any] | None:
+    """What a gated model's gates are, for the run's sums and its result: kind (SA, SE, ECA),
+    unit (an SA group's mean, or one channel), branches, depth names, hooked modules and the
+    number of gates per branch at each depth (SA: its groups; SE, ECA: the module's channels,
+    read from one forward of a blank crop). None for a model without gates."""
+    if not lm.has_gates:
+        return None
+    layout = lm.gate_layout
+    assert layout is not None
+    size = lm.transform.crop_size
+    with lm.lock, GateRecorder(lm.model, layout, lm.gate_modules) as recorder:
+        lm.model(torch.zeros(1, 3, size, size, device=lm.device))
+    widths = []
+    for depth in lm.gate_modules:
+        found = {int(recorder.values[depth][b].shape[-1]) for b in layout.branches}
+        if len(found) != 1:
+            raise ValueError(f"{lm.display_name}: the branches at {depth} have different widths {sorted(found)}")
+        widths.append(found.pop())
+    return {"kind": layout.kind, "title": layout.title, "unit": layout.unit, "branches": list(layout.branches),
+            "depths": list(lm.gate_modules), "modules": dict(lm.gate_modules), "widths": widths}
 
 
-def _zero_sums(lab: Lab, num_classes: int, probe: bool, device: torch.device) -> dict[str, Tensor]:
+def _zero_sums(lab: Lab, gates: Mapping[str, dict[str, Any] | None], num_classes: int, probe: bool,
+               device: torch.device) -> dict[str, Tensor]:
     i64, f64 = {"dtype": torch.int64, "device": device}, {"dtype": torch.float64, "device": device}
     sums = {"images": torch.zeros((), **i64), "decode_errors": torch.zeros((), **i64),
             "class_images": torch.zeros(num_classes, **i64)}
@@ -90,10 +110,11 @@ def _zero_sums(lab: Lab, num_classes: int, probe: bool, device: torch.device) ->
         if probe:
             sums[f"{key}.group_correct"] = torch.zeros(lm.probe_groups, **i64)
             sums[f"{key}.group_score"] = torch.zeros(lm.probe_groups, **f64)
-        if lm.has_sa:
-            shape = (len(lm.sa_modules), num_classes, _sa_groups(lm))
-            sums[f"{key}.gate_channel"] = torch.zeros(shape, **f64)
-            sums[f"{key}.gate_spatial"] = torch.zeros(shape, **f64)
+        info = gates.get(key)
+        if info is not None:  # per depth and branch: the sum of each class's images' gates (K, width)
+            for depth, width in zip(info["depths"], info["widths"], strict=True):
+                for branch in info["branches"]:
+                    sums[gate_sum_key(key, depth, branch)] = torch.zeros((num_classes, width), **f64)
     return sums
 
 
@@ -104,15 +125,15 @@ class _ModelBatch:
     unmasked_score: Tensor  # (B,) softmax of the predicted class
     group_correct: Tensor | None  # (B, G) bool
     group_score: Tensor | None  # (B, G)
-    channel: Tensor | None  # (D, B, Gsa)
-    spatial: Tensor | None
+    gates: dict[str, dict[str, Tensor]] | None  # depth -> branch -> (B, width) float64
 
 
 @torch.no_grad()
 def evaluate_batch(lm: LoadedModel, x: Tensor, y: Tensor, options: ReproduceOptions) -> _ModelBatch:
-    """One model on one batch: the unmasked forward (fp32, hooked) and the group probe."""
+    """One model on one batch (``x``: its own preprocessing): the unmasked forward (fp32, hooked:
+    the probe layer's output and every gate) and the group probe."""
     with lm.lock, FeatureCapture(lm.model, [lm.probe_layer]) as capture, \
-            SAGateRecorder(lm.model, lm.sa_modules) as gates:
+            GateRecorder(lm.model, lm.gate_layout, lm.gate_modules) as recorder:
         logits = lm.model(x).float()
     predicted = logits.argmax(-1)
     unmasked = torch.softmax(logits, -1).gather(1, predicted[:, None]).squeeze(1)
@@ -123,11 +144,9 @@ def evaluate_batch(lm: LoadedModel, x: Tensor, y: Tensor, options: ReproduceOpti
             group_score, preds = lm.run_probe(x, maps, predicted, precision=options.precision_for(lm.key),
                                               batch_size=options.probe_batch_size)
         group_correct = preds == y[:, None]
-    channel = spatial = None
-    if lm.has_sa:
-        channel = torch.stack([gates.channel[d] for d in lm.sa_modules]).double()
-        spatial = torch.stack([gates.spatial[d] for d in lm.sa_modules]).double()
-    return _ModelBatch(predicted, predicted == y, unmasked, group_correct, group_score, channel, spatial)
+    gates = {depth: {b: v.double() for b, v in recorder.values[depth].items()} for depth in lm.gate_modules} \
+        if lm.has_gates else None
+    return _ModelBatch(predicted, predicted == y, unmasked, group_correct, group_score, gates)
 
 
 def decide_precisions(lab: Lab, root: str | Path, samples: Sequence[Sample],
@@ -138,10 +157,13 @@ def decide_precisions(lab: Lab, root: str | Path, samples: Sequence[Sample],
     """
     wanted = {key: lm.probe_precision(options.precision) for key, lm in lab.models.items()}
     if "check" in wanted.values() and options.probe:
-        dataset = ImageDataset(root, samples, transform=lab.transform)
+        dataset = ImageDataset(root, samples, transform=lab.transforms)
         first = next((item for item in (dataset[i] for i in range(min(len(dataset), 50))) if item[3]), None)
         if first is not None:
-            image = PreparedImage(first[0][None], np.zeros((1, 1, 3), np.uint8), tuple(first[0].shape[-2:]))
+            tensors = first[0][:, None] if dataset.stacked else first[0][None, None]  # (T, 1, 3, H, W)
+            image = PreparedImage(tensors[0], np.zeros((1, 1, 3), np.uint8), tuple(first[0].shape[-2:]),
+                                  transform=dataset.transforms[0],
+                                  others=dict(zip(dataset.transforms[1:], tensors[1:], strict=True)))
             name = samples[first[2]].path
             for key, lm in lab.models.items():
                 if wanted[key] == "check":
@@ -162,9 +184,9 @@ def _commit(sums: dict[str, Tensor], y: Tensor, outs: Mapping[str, _ModelBatch])
         if o.group_correct is not None and o.group_score is not None:
             sums[f"{key}.group_correct"] += o.group_correct.long().sum(0)
             sums[f"{key}.group_score"] += o.group_score.double().sum(0)
-        if o.channel is not None and o.spatial is not None:
-            sums[f"{key}.gate_channel"].index_add_(1, y, o.channel)
-            sums[f"{key}.gate_spatial"].index_add_(1, y, o.spatial)
+        for depth, branches in (o.gates or {}).items():
+            for branch, values in branches.items():
+                sums[gate_sum_key(key, depth, branch)].index_add_(0, y, values)
 
 
 @dataclass
@@ -176,11 +198,13 @@ class _Plan:
     fingerprint: str
     rank: int
     world: int
+    gates: dict[str, dict[str, Any] | None]  # per model: gate_info (None: no gates)
 
 
 def _plan(lab: Lab, root: str | Path, samples: Sequence[Sample], options: ReproduceOptions) -> _Plan:
     """Step 1: check classes and labels, decide precisions, fingerprint the run."""
     rank, world = distributed.rank_world()
+    check_same_crop(lab.transforms)
     num_classes = {lm.num_classes for lm in lab.models.values()}
     if len(num_classes) != 1:
         raise ValueError(f"the models predict different numbers of classes: {sorted(num_classes)}")
@@ -192,12 +216,13 @@ def _plan(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reprod
     distinct = set(model_precision.values())
     precision = distinct.pop() if len(distinct) == 1 else ", ".join(f"{k} {v}" for k, v in model_precision.items())
     options = replace(options, precision=precision, model_precision=model_precision)
+    gates = {key: gate_info(lm) for key, lm in lab.models.items()}
     meta = {"world": world, "precision": options.precision, "probe": options.probe, "num_classes": k_classes,
             "models": {k: [lm.weights.source, lm.weights.sha256, lm.probe_layer, lm.probe_groups,
-                           list(lm.sa_modules)] for k, lm in lab.models.items()}}
+                           gates[k], asdict(lm.transform)] for k, lm in lab.models.items()}}
     if options.faithfulness:  # only then: earlier runs' fingerprints stay valid
         meta["faithfulness"] = [options.faithfulness_steps, options.faithfulness_method, options.faithfulness_layer]
-    return _Plan(options, k_classes, fingerprint(samples, meta), rank, world)
+    return _Plan(options, k_classes, fingerprint(samples, meta), rank, world, gates)
 
 
 def _restore_checkpoint(plan: _Plan, progress: Progress, state_dir: Path | None,
@@ -227,7 +252,7 @@ def _restore_checkpoint(plan: _Plan, progress: Progress, state_dir: Path | None,
 def _loader(lab: Lab, root: str | Path, samples: Sequence[Sample], plan: _Plan, done: int) -> DataLoader:
     """Step 3: this rank's shard, from where it stopped."""
     options = plan.options
-    return DataLoader(ImageDataset(root, samples, transform=lab.transform), batch_size=options.batch_size,
+    return DataLoader(ImageDataset(root, samples, transform=lab.transforms), batch_size=options.batch_size,
                       sampler=ShardSampler(len(samples), plan.rank, plan.world, done),
                       num_workers=options.workers, pin_memory=lab.device.type == "cuda",
                       prefetch_factor=4 if options.workers else None, persistent_workers=False)
@@ -271,10 +296,10 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
             if bad:
                 keep = ok.to(device)
                 x, y = x[keep], y[keep]
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            outs = {key: evaluate_batch(lm, x, y, options) for key, lm in lab.models.items()} if len(y) else {}
-            measured = _faithfulness(lab, x, outs, options) if options.faithfulness and len(y) else {}
+            inputs = _model_inputs(lab, x)
+            outs = {key: evaluate_batch(lm, inputs[key], y, options) for key, lm in lab.models.items()} \
+                if len(y) else {}
+            measured = _faithfulness(lab, inputs, outs, options) if options.faithfulness and len(y) else {}
             committing = True
             if len(y):
                 _commit(progress.sums, y, outs)
@@ -306,9 +331,22 @@ def _loop(lab: Lab, loader: DataLoader, plan: _Plan, progress: Progress, path: P
     return session
 
 
-def _faithfulness(lab: Lab, x: Tensor, outs: Mapping[str, _ModelBatch],
+def _model_inputs(lab: Lab, x: Tensor) -> dict[str, Tensor]:
+    """Each model's input: the batch itself when every model shares one preprocessing, else its
+    preprocessing's slice of the stacked batch (B, T, 3, H, W) (see data.ImageDataset)."""
+    transforms = lab.transforms
+    if len(transforms) == 1:
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return dict.fromkeys(lab.models, x)
+    memory = torch.channels_last if x.device.type == "cuda" else torch.contiguous_format
+    each = {t: x[:, i].contiguous(memory_format=memory) for i, t in enumerate(transforms)}
+    return {key: each[lm.transform] for key, lm in lab.models.items()}
+
+
+def _faithfulness(lab: Lab, inputs: Mapping[str, Tensor], outs: Mapping[str, _ModelBatch],
                   options: ReproduceOptions) -> dict[str, list[faith.Faithfulness]]:
-    return {key: faith.evaluate(lm, x, outs[key].predicted, steps=options.faithfulness_steps,
+    return {key: faith.evaluate(lm, inputs[key], outs[key].predicted, steps=options.faithfulness_steps,
                                 precision=options.precision_for(key), batch_size=options.probe_batch_size,
                                 method=options.faithfulness_method, layer=options.faithfulness_layer)
             for key, lm in lab.models.items()}
@@ -337,7 +375,7 @@ def run(lab: Lab, root: str | Path, samples: Sequence[Sample], options: Reproduc
     device = lab.device
     plan = _plan(lab, root, samples, options)
     say = log if (log and plan.rank == 0) else (lambda _m: None)
-    progress = Progress(_zero_sums(lab, plan.num_classes, plan.options.probe, device))
+    progress = Progress(_zero_sums(lab, plan.gates, plan.num_classes, plan.options.probe, device))
     if options.faithfulness:
         progress.sums.update(faith.zero_sums(lab, len(samples), options.faithfulness_steps, device))
     path = _restore_checkpoint(plan, progress, Path(state_dir) if state_dir is not None else None, say)
@@ -368,7 +406,8 @@ def _reduce_and_build(lab: Lab, plan: _Plan, progress: Progress, session: int, r
     model_info = {key: {"display_name": lm.display_name, "pretrained": lm.weights.pretrained,
                         "weights": lm.weights.to_dict(), "weights_note": lm.weights.note,
                         "probe_layer": lm.probe_layer, "probe_paper_name": models.paper_name_or_none(lm.probe_layer),
-                        "sa_depths": list(lm.sa_modules), "probe_precision": options.precision_for(key),
+                        "sa_depths": list(lm.sa_modules), "gates": plan.gates[key],
+                        "preprocessing": asdict(lm.transform), "probe_precision": options.precision_for(key),
                         "bf16_check": lm.bf16_check.to_dict() if lm.bf16_check else None}
                   for key, lm in lab.models.items()}
     first = next(iter(lab.models.values()))

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..correlation import ClassCorrelation, correlation_of_means
+from ..correlation import CONSTANT_STD, SA_CONSTANT_HINT, ClassCorrelation, correlation_of_means
 from ..weights import untrained_warning
 from . import faithfulness as faith
 
-__all__ = ["ReproduceResult", "device_info"]
+__all__ = ["ReproduceResult", "device_info", "gate_sum_key", "depth_position"]
+
+
+# What makes every gate of a kind constant, for the reason an undefined correlation gives.
+CONSTANT_HINTS = {
+    "SA": SA_CONSTANT_HINT,
+    "SE": "untrained SE modules?",
+    "ECA": "untrained ECA: timm zero-initialises each block's last BatchNorm, so every gate is sigmoid(0) = 0.5",
+}
+
+
+def gate_sum_key(model: str, depth: str, branch: str) -> str:
+    """The run's sum of every image's ``branch`` gates at ``depth``, per class: (classes, width).
+
+    One tensor per depth and branch, because widths differ with depth for SE and ECA (one gate
+    per channel: 256 ... 2048) while SA has its 64 groups everywhere; sums of any shape add up
+    over ranks and over checkpointed sessions alike."""
+    return f"{model}.gates.{depth}.{branch}"
+
+
+def depth_position(depth: str) -> str:
+    """``"SE_5_3"`` -> ``"5_3"``: stage and block, the axis every gated model shares."""
+    return depth.split("_", 1)[1]
 
 
 @dataclass
@@ -35,6 +57,7 @@ class ReproduceResult:
     images_resumed: int  # taken from saved states
     faithfulness: dict[str, Any] | None = None  # what was measured (faithfulness.settings), when asked
     sample_paths: list[str] | None = None  # the run's samples, for per-image faithfulness tables
+    _correlations: dict[str, ClassCorrelation] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def images(self) -> int:
@@ -64,20 +87,78 @@ class ReproduceResult:
     def present_classes(self) -> np.ndarray:
         return np.flatnonzero(self.sums["class_images"] > 0)
 
-    def class_profiles(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(classes (K,), channel means (D, K, G), spatial means (D, K, G)) over classes with images."""
+    def gated(self) -> list[str]:
+        """Keys of the models whose gates were summed (SA, SE, ECA), in model order."""
+        return [k for k, m in self.models.items() if m.get("gates")]
+
+    def class_gate_means(self, key: str) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+        """(classes (K,), depth -> branch -> (K, width) mean gates) over classes with images, in
+        the model's own unit (SA: per group; SE, ECA: per channel)."""
+        gates = self.models[key]["gates"]
         classes = self.present_classes()
-        counts = self.sums["class_images"][classes].astype(np.float64)
-        channel = self.sums[f"{key}.gate_channel"][:, classes] / counts[None, :, None]
-        spatial = self.sums[f"{key}.gate_spatial"][:, classes] / counts[None, :, None]
-        return classes, channel, spatial
+        counts = self.sums["class_images"][classes].astype(np.float64)[:, None]
+        return classes, {d: {b: self.sums[gate_sum_key(key, d, b)][classes] / counts for b in gates["branches"]}
+                         for d in gates["depths"]}
+
+    def class_profiles(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(classes (K,), channel means (D, K, W), spatial means (D, K, W) or None without a
+        spatial branch) over classes with images. SA: W = its groups at every depth; SE, ECA: W is
+        the widest depth's channels, NaN beyond each depth's own (``models[key]["gates"]["widths"]``)."""
+        classes, means = self.class_gate_means(key)
+        gates = self.models[key]["gates"]
+        stacked = {}
+        for branch in gates["branches"]:
+            out = np.full((len(gates["depths"]), len(classes), max(gates["widths"])), np.nan)
+            for i, d in enumerate(gates["depths"]):
+                out[i, :, : means[d][branch].shape[1]] = means[d][branch]
+            stacked[branch] = out
+        return classes, stacked["channel"], stacked.get("spatial")
 
     def class_correlation(self, key: str) -> ClassCorrelation:
-        """Per depth: Pearson correlation of the classes' mean [channel, spatial] profiles."""
-        classes, channel, spatial = self.class_profiles(key)
-        depths = self.models[key]["sa_depths"]
-        means = {depth: np.concatenate([channel[d], spatial[d]], axis=1) for d, depth in enumerate(depths)}
-        return correlation_of_means(depths, [int(c) for c in classes], means)
+        """Per depth: Pearson correlation of the classes' mean profiles (every branch the model's
+        gates have, one after another: SA's [channel, spatial], SE's and ECA's channel gates)."""
+        if key not in self._correlations:
+            classes, means = self.class_gate_means(key)
+            gates = self.models[key]["gates"]
+            flat = {d: np.concatenate([means[d][b] for b in gates["branches"]], axis=1) for d in gates["depths"]}
+            hint = CONSTANT_HINTS.get(gates["kind"], "untrained gates?")
+            self._correlations[key] = correlation_of_means(gates["depths"], [int(c) for c in classes], flat,
+                                                           constant_hint=hint)
+        return self._correlations[key]
+
+    def correlation_across_models(self) -> dict[str, Any]:
+        """Every gated model's mean between-class correlation on one axis of depth (stage_block
+        2_1 ... 5_3, :func:`depth_position`), null where a model has no module or it is undefined."""
+        corrs = {k: self.class_correlation(k) for k in self.gated()}
+        positions = sorted({depth_position(d) for c in corrs.values() for d in c.depths},
+                           key=lambda p: tuple(int(v) for v in p.split("_")))
+        models = {}
+        for k, corr in corrs.items():
+            at = {depth_position(d): corr.mean_between[d] for d in corr.depths}
+            models[k] = {"display_name": self.models[k]["display_name"], "kind": self.models[k]["gates"]["kind"],
+                         "pretrained": self.models[k]["pretrained"],
+                         "mean_between_class_correlation": [_clean(at[p]) if p in at else None for p in positions]}
+        return {"positions": positions, "classes": len(self.present_classes()),
+                "reading": "the paper: high at early depths (gates shared between classes), falling with depth "
+                           "(class-specific); untrained models' numbers are no finding",
+                "models": models}
+
+    def identical_depths(self, key: str) -> list[str]:
+        """Depths where every class's mean profile is the same (up to rounding): the gates do not
+        depend on the image there, and a correlation of 1 between classes is no finding."""
+        _, means = self.class_gate_means(key)
+        out = []
+        for d, v in means.items():
+            flat = np.concatenate(list(v.values()), axis=1)
+            if len(flat) >= 2 and float(np.abs(flat - flat.mean(0)).max()) < CONSTANT_STD:
+                out.append(d)
+        return out
+
+    def profile_spread(self, key: str) -> dict[str, float]:
+        """Per depth, the standard deviation of all classes' mean profiles together: 0 when the gates
+        are constant (untrained SA layers: weight 0, bias 1), where correlations mean nothing."""
+        _, means = self.class_gate_means(key)
+        return {d: float(np.concatenate(list(v.values()), axis=1).std()) for d, v in means.items()}
 
     def label(self, index: int) -> str:
         return self.categories[index] if 0 <= index < len(self.categories) else str(index)
@@ -115,7 +196,11 @@ class ReproduceResult:
                     "best_group": int(group.argmax()), "worst_group": int(group.argmin()),
                     "mean_score_per_group": score.tolist(),
                 }
-            if m["sa_depths"]:
+            if m.get("gates"):
+                gates = m["gates"]
+                if gates["kind"] != "SA":  # SA's entry keeps its keys (sa_depths below)
+                    entry["gates"] = {k: gates[k] for k in ("kind", "title", "unit", "branches", "depths",
+                                                            "widths", "modules")}
                 if len(self.present_classes()) >= 2:
                     corr = self.class_correlation(key)
                     entry["mean_between_class_correlation"] = {
@@ -123,23 +208,37 @@ class ReproduceResult:
                     entry["correlation_undefined"] = corr.notes
                 else:
                     entry["mean_between_class_correlation"] = None
-                entry["sa_depths"] = m["sa_depths"]
+                if gates["kind"] == "SA":
+                    entry["sa_depths"] = m["sa_depths"]
                 # How much the class profiles vary at all: gates of untrained SA layers (weight 0,
                 # bias 1) are constant, and correlations of rounding noise mean nothing.
-                _, channel, spatial = self.class_profiles(key)
-                spread = {d: float(np.concatenate([channel[i], spatial[i]], axis=1).std())
-                          for i, d in enumerate(m["sa_depths"])}
+                spread = self.profile_spread(key)
                 entry["profile_std_per_depth"] = spread
                 flat = [d for d, v in spread.items() if v < 1e-6]
                 if flat:
                     entry["note"] = (f"SA gates are constant at {', '.join(flat)} (untrained SA layers?): the "
-                                     "class correlations there measure rounding noise only")
+                                     "class correlations there measure rounding noise only" if gates["kind"] == "SA"
+                                     else f"{gates['kind']} gates are constant at {', '.join(flat)} (untrained?): "
+                                     "the class correlations there are undefined")
+                same = [d for d in self.identical_depths(key) if d not in flat] if gates["kind"] != "SA" else []
+                if same:
+                    entry["note"] = ((entry["note"] + "; ") if "note" in entry else "") + (
+                        f"every class has the same {gates['kind']} profile at {', '.join(same)} (untrained? timm "
+                        "zero-initialises each block's last BatchNorm, so the gates do not depend on the image): "
+                        "r = 1 there says nothing")
             out["models"][key] = entry
+        gated = self.gated()
+        if len(gated) >= 2 and len(self.present_classes()) >= 2:
+            out["correlation_across_models"] = self.correlation_across_models()
         if self.faithfulness is not None and faith.MEASURED in self.sums:
             out["faithfulness"] = faith.summary(self.sums, self.models, self.faithfulness)
         untrained = [m["display_name"] for m in self.models.values() if not m["pretrained"]]
         out["warning"] = untrained_warning(untrained, subject="these numbers") if untrained else None
         return out
+
+
+def _clean(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def device_info(device: torch.device) -> dict[str, Any]:

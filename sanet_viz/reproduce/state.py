@@ -19,7 +19,9 @@ from .data import Sample
 __all__ = ["STATE_VERSION", "ReproduceStateError", "Progress", "fingerprint", "state_path", "save_state",
            "load_state"]
 
-STATE_VERSION = 1
+# 2: gate sums per depth and branch for every gated model (SA, SE, ECA), each model's preprocessing
+# in the fingerprint. States of version 1 (SA gates stacked over depths) are refused, not converted.
+STATE_VERSION = 2
 
 
 class ReproduceStateError(ValueError):
@@ -71,11 +73,17 @@ def restore(path: Path, expected: str, progress: Progress) -> str:
         state = load_state(path)
     except ReproduceStateError as exc:
         return str(exc)
-    if state.get("fingerprint") != expected or set(state["sums"]) != set(progress.sums):
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != STATE_VERSION:
+        return (f"{path}: the saved state was written by another version of sanet-viz (state format {version}, "
+                f"this one reads {STATE_VERSION}) and cannot be continued; rerun with --fresh or another --out")
+    sums = state.get("sums")
+    if state.get("fingerprint") != expected or not isinstance(sums, dict) or set(sums) != set(progress.sums) \
+            or any(sums[k].shape != v.shape for k, v in progress.sums.items()):
         return (f"{path}: the saved state is from another run (data, --limit, models, precision or number "
                 "of processes differ); rerun with --fresh or another --out")
     device = next(iter(progress.sums.values())).device
-    progress.sums = {k: state["sums"][k].to(device) for k in progress.sums}
+    progress.sums = {k: sums[k].to(device) for k in progress.sums}
     progress.done = int(state["done"])
     progress.earlier_seconds = float(state.get("seconds", 0.0))
     progress.errors = list(state["errors"])
