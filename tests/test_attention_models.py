@@ -308,5 +308,5 @@ def test_any_pair_on_cuda_equals_cpu() -> None:
         np.testing.assert_allclose(ma.logits, mb.logits, atol=1e-3, rtol=1e-3)
         np.testing.assert_allclose(ma.cam, mb.cam, atol=2e-3)
         np.testing.assert_allclose(ma.probe.scores.numpy(), mb.probe.scores.numpy(), atol=1e-3)
-        for depth, values in ma.gates.values.items():
-            np.testing.assert_allclose(values["channel"], mb.gates.values[depth]["channel"], atol=1e-4)
+        for depth, values in ma.gates.values.items():  # cuDNN's TF32 convolutions: ~1e-4 apart on an H200
+            np.testing.assert_allclose(values["channel"], mb.gates.values[depth]["channel"], atol=1e-3)
