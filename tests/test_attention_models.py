@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64  # the adapters do not care about the input size; small inputs keep full-size models quick
 
 
-def _lively(model: nn.Module, seed: int = 0) -> nn.Module:
+def lively(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that gates and fused copies are tested on real spreads."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -45,7 +45,7 @@ def _lively(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def timm_models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    return {"seresnet50": _lively(attention.seresnet50()), "ecaresnet50d": _lively(attention.ecaresnet50d(), 1)}
+    return {"seresnet50": lively(attention.seresnet50()), "ecaresnet50d": lively(attention.ecaresnet50d(), 1)}
 
 
 def _inputs_of(model: nn.Module, names: list[str], x: Tensor) -> dict[str, Tensor]:
@@ -230,7 +230,7 @@ def _tiny_se_lab() -> Lab:
     import timm
 
     torch.manual_seed(0)
-    se = _lively(timm.create_model("seresnet18", pretrained=False, num_classes=10))
+    se = lively(timm.create_model("seresnet18", pretrained=False, num_classes=10))
     info = WeightsInfo("untrained (test)", False, note="test models")
     sa = randomize_sa(tiny_sa_resnet(), 1)
     return Lab({"sanet50": LoadedModel("sanet50", "Tiny SANet", sa, info, probe_layer="layer4.0", probe_groups=64),

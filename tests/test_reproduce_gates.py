@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import randomize_sa
+from test_attention_models import lively
 from test_reproduce import GROUPS, NUM_CLASSES, OPTIONS, PLANES, _free_port, assert_same, make_folder, tiny_lab
-from torch import nn
 
 from sanet_viz import models
 from sanet_viz import reproduce as rp
@@ -30,25 +30,12 @@ SE_DEPTHS = ["SE_2_1", "SE_2_2", "SE_3_1", "SE_3_2", "SE_4_1", "SE_4_2", "SE_5_1
 SE_WIDTHS = [64, 64, 128, 128, 256, 256, 512, 512]  # timm's seresnet18: one gate per channel
 
 
-def _lively(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics (as tests/test_attention_models.py), so that SE gates vary."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model.eval().requires_grad_(False)
-
-
 def se_model(transform: EvalTransform = TIMM_BICUBIC_EVAL) -> LoadedModel:
     """A small timm SE-ResNet in the seresnet50 slot, with timm's bicubic preprocessing."""
     import timm
 
     torch.manual_seed(0)
-    se = _lively(timm.create_model("seresnet18", pretrained=False, num_classes=NUM_CLASSES))
+    se = lively(timm.create_model("seresnet18", pretrained=False, num_classes=NUM_CLASSES))
     info = WeightsInfo("tiny SE test model (random)", False, None, "test")
     return LoadedModel("seresnet50", "Tiny SE", se, info, probe_layer="layer4.1", probe_groups=GROUPS,
                        transform=transform)
