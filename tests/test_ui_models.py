@@ -223,11 +223,15 @@ def test_a_model_without_gates_says_so_across_depth(app: Any) -> None:
 def test_the_api_names_its_pair_in_its_last_input_and_defaults_to_the_starting_pair(app: Any) -> None:
     default = merged(app.analyse(CHELSEA, "gradcam", "predicted", LAYER, 0.5, False, False, Session()))
     assert list(default[app.page.download.result_json]["models"]) == ["resnet50", "sanet50"]
-    named = merged(app.analyse(CHELSEA, "gradcam", "predicted", LAYER, 0.5, False, False, Session(),
+    client = Session()  # a gradio_client keeps one session for its calls
+    named = merged(app.analyse(CHELSEA, "gradcam", "predicted", LAYER, 0.5, False, False, client,
                                "seresnet50,sanet50"))
     data = named[app.page.download.result_json]
     assert list(data["models"]) == ["seresnet50", "sanet50"] and data["models"]["sanet50"]["group_probe"] is not None
     assert data["models"]["seresnet50"]["group_probe"] is None, "the left model's probe waits to be asked"
+    again = merged(app.analyse(CHELSEA, "gradcam", "predicted", LAYER, 0.5, False, False, client))
+    assert list(again[app.page.download.result_json]["models"]) == ["resnet50", "sanet50"], \
+        "a pair named in one call is for that call only"
     with pytest.raises(gr.Error, match="two different models"):
         list(app.analyse(CHELSEA, "gradcam", "predicted", LAYER, 0.5, False, False, Session(), "sanet50,sanet50"))
     with pytest.raises(gr.Error, match="unknown model"):

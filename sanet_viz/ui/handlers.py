@@ -149,7 +149,8 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
                     self.page.compare.status: views.status_html(exc.message, kind="error")}
         return {**cleared, self.page.compare.status: views.status_html("Ready: press <b>Analyse</b>.")}
 
-    def _prepare(self, path: str | None, session: Session) -> Any:
+    def _prepare(self, path: str | None, session: Session, lab: Lab | None = None) -> Any:
+        """The picture prepared for the models of ``lab`` (default: the visitor's pair)."""
         if not path:
             raise gr.Error("Add an image first: upload, drop, paste, use the webcam, or pick an example.",
                            print_exception=False)
@@ -158,7 +159,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         except OSError:
             raise gr.Error(f"{Path(path).name}: the upload is no longer on the server; please add it again.",
                            print_exception=False) from None
-        lab = self.lab_of(session)
+        lab = lab or self.lab_of(session)
         if key != session.image_key or session.image is None or not _prepared_for(session.image, lab):
             try:
                 image = lab.prepare(path, limits=self.settings.limits, name=Path(path).name)
@@ -200,10 +201,12 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         """Heatmaps first, then group maps and gates, then the right model's probe (and the left
         one's if asked: ``probe_resnet``, named for the default pair's left model).
 
-        ``models``: "KEY,KEY" (left, right) for this analysis, empty: the visitor's pair (the API's
-        optional last input; in a browser the pickers set the pair). A slow method's maps are left
-        pending for :meth:`complete_slow` in a browser; an API call completes them here. The last
-        message holds everything (what API clients get).
+        ``models``: "KEY,KEY" (left, right) for this analysis only; empty: the visitor's pair. It is
+        the API's optional last input: a client keeps its session between calls, and its next call
+        without it gets the starting pair again. In a browser the pickers set the pair.
+
+        A slow method's maps are left pending for :meth:`complete_slow` in a browser; an API call
+        completes them here. The last message holds everything (what API clients get).
         """
         session = session or Session()
         run = session.start()
@@ -213,11 +216,11 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         except PairError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         yield from self._loading(pair)
-        session.pair = pair
-        image = self._prepare(path, session)
-        options = self.options(method, target, layer, self.lab_of(session))
+        lab = self.pool.lab(pair)
+        image = self._prepare(path, session, lab)
+        options = self.options(method, target, layer, lab)
         try:
-            yield from self._analyse(session, run, image, options, path, opacity, probe_resnet)
+            yield from self._analyse(session, run, image, options, path, opacity, probe_resnet, lab)
         except Cancelled as exc:  # a newer request of this visitor, Cancel, or a server stopping
             if self.settings.stopping():
                 raise gr.Error("The server is shutting down; please try again in a minute.",
@@ -234,7 +237,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
             yield from self.analyse(path, method, target, layer, opacity, probe_resnet, faithfulness, session, models)
 
     def _analyse(self, session: Session, run: int, image: Any, options: AnalysisOptions, path: str | None,
-                 opacity: float, probe_resnet: bool) -> Iterator[dict[Any, Any]]:
+                 opacity: float, probe_resnet: bool, lab: Lab) -> Iterator[dict[Any, Any]]:
         check = session.checker(run, self.settings.stopping)
         method = options.method
         slow = method in MULTI_PASS_METHODS
@@ -242,7 +245,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         label = CAM_METHODS[method][1].split(" (")[0]
         yield {**self._cleared(session), self.page.compare.status: views.status_html(
             f"Computing {label} for both models…", kind="busy")}
-        result = explain(self.lab_of(session), image, options, name=Path(path or "image").name, defer_slow=slow)
+        result = explain(lab, image, options, name=Path(path or "image").name, defer_slow=slow)
         self._keep_probes(result, previous)
         session.result = result
         check()

@@ -158,6 +158,7 @@ class PairHandlers:
     page: Any
     analyse: Callable[..., Iterator[dict[Any, Any]]]
     _at_least_one: Callable[[Iterator[dict[Any, Any]]], Iterator[dict[Any, Any]]]
+    _cleared: Callable[[Session], dict[Any, Any]]
 
     def banner(self) -> str:
         """The visitor's sentence about every offered model's weights, as they are now."""
@@ -247,7 +248,12 @@ class PairHandlers:
             return
         session.pair = pair
         log.info("a visitor compares %s", " vs ".join(self.pool.name(k) for k in pair))
-        yield {**self.layout(pair), c.status: ""}
+        # The old pair's views go with its names: nothing of it stays beside the new headings.
+        out = self._cleared(session)
+        for component, update in self.layout(pair).items():
+            out[component] = {**update, "value": out[component]} if component in out and isinstance(update, dict) \
+                else update
+        yield {**out, c.status: ""}
         if session.image is not None and path:
             yield from self.analyse(path, method, target, layer, opacity, probe_left, faithfulness, session)
         else:
