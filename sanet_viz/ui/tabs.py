@@ -112,7 +112,7 @@ def build_compare_tab(pool: ModelPool, colorbar: str) -> CompareTab:
         swap = gr.Button("⇄", elem_id="swap-models", scale=0, min_width=44, size="sm")
         right = gr.Dropdown(pool.choices(), value=pair[1], label="Right model", elem_id="model-right", scale=4,
                             min_width=130)
-    note = gr.Markdown(words.note, elem_id="pair-note")
+    note = gr.Markdown(words.note, elem_id="pair-note", visible=bool(words.note))
     status = gr.HTML(elem_id="compare-status")
     images, top5, captions = {}, {}, {}
     with gr.Row(elem_id="overlay-row", equal_height=False):
@@ -123,7 +123,7 @@ def build_compare_tab(pool: ModelPool, colorbar: str) -> CompareTab:
                 top5[slot] = gr.HTML(elem_id=f"top5-{key}")
                 captions[slot] = gr.HTML(elem_id=f"caption-{key}")
     gr.HTML(colorbar)
-    with gr.Accordion(f"Difference: {words.difference}", open=True) as difference_box:
+    with gr.Accordion(f"Difference: {words.difference}", open=True, elem_id="difference-box") as difference_box:
         difference = gr.Image(label=words.difference, interactive=False, format="png",
                               elem_id="difference", height=320, buttons=["download"])
         difference_bar = gr.HTML(words.difference_bar)

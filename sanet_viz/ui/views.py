@@ -305,7 +305,7 @@ def group_detail(result: AnalysisResult, k: int, *, key: str | None = None) -> t
     if m.sa_gates is None:
         return picture, "\n".join(_plain_chunk(m, k) + _probe_line(m, k))
     lines = [f"**Chunk {k}** = channels {32 * k}-{32 * k + 31} of {term('SA_5_3')}'s output."]
-    if m.sa_gates is not None:
+    if m.sa_gates:
         branch = "channel" if k % 2 == 0 else "spatial"
         groups = (k // 2, g // 2 + k // 2)
         lines.append(f"It holds the **{branch}-branch** halves of SA groups {groups[0]} and {groups[1]} (the "
@@ -337,7 +337,8 @@ def _plain_chunk(m: ModelResult, k: int) -> list[str]:
     gates = np.asarray(profile.values.get(depth, profile.values[profile.depths[-1]])["channel"], np.float64)
     per = max(1, len(gates) // g)
     mine = gates[per * k:per * (k + 1)]
-    return [f"**Chunk {k}** = channels {per * k}-{per * (k + 1) - 1} of the last block's output ({depth}'s block).",
+    layer = m.probe.layer if m.probe is not None else "the last block"
+    return [f"**Chunk {k}** = channels {per * k}-{per * (k + 1) - 1} of {layer}'s output (the block of {depth}).",
             f"{name} has no SA groups or branches (its bars are grey): a chunk is just {per} consecutive channels. "
             f"Its {profile.layout.kind} gates act per channel: at {depth} these {per} channels' gates have mean "
             f"{mine.mean():.3f} (from {mine.min():.3f} to {mine.max():.3f})."]
@@ -415,7 +416,7 @@ def correlation_depth_image(corrs: Mapping[str, ClassCorrelation], *, kinds: Map
     but a grey cross on the axis, with the reasons below."""
     positions = sorted({_depth_key(d) for c in corrs.values() for d in c.depths},
                        key=lambda p: tuple(int(v) for v in p.split("_")))
-    fig = Figure(figsize=(8.5, 3.8))
+    fig = Figure(figsize=(8.5, 4.6))
     ax = fig.subplots()
     reasons: set[str] = set()
     lows = [-0.05]
@@ -426,14 +427,14 @@ def correlation_depth_image(corrs: Mapping[str, ClassCorrelation], *, kinds: Map
         defined = ~np.isnan(r)
         tag = " (UNTRAINED)" if name in untrained else ""
         what = "64 channel + 64 spatial group gates" if kinds.get(name) == "SA" else "one gate per channel"
-        ax.plot(x[defined], r[defined], marker="o", color=colour, label=f"{name}{tag}: {kinds.get(name, '')} "
-                f"profile ({what})")
+        if defined.any():
+            ax.plot(x[defined], r[defined], marker="o", color=colour,
+                    label=f"{name}{tag}: {kinds.get(name, '')} profile ({what})")
+            lows.append(float(r[defined].min()) - 0.05)
         if (~defined).any():
             ax.plot(x[~defined], np.full((~defined).sum(), -1.0 + 0.04 * i), "x", color=colour, ms=7,
-                    label=f"{name}: undefined at {int((~defined).sum())} of {len(r)} depths")
+                    label=f"{name}{tag}: undefined at {int((~defined).sum())} of {len(r)} depths (x)")
             reasons |= {corr.notes[d] for d in corr.depths if d in corr.notes and not corr.defined(d)}
-        if defined.any():
-            lows.append(float(r[defined].min()) - 0.05)
     for i in range(1, len(positions)):  # grey lines between stages
         if positions[i].split("_")[0] != positions[i - 1].split("_")[0]:
             ax.axvline(i - 0.5, color="#cccccc", lw=1)
@@ -446,10 +447,10 @@ def correlation_depth_image(corrs: Mapping[str, ClassCorrelation], *, kinds: Map
                "(paper: high early, falling with depth)")
     ax.set_title(heading + (f"\n{charts.UNTRAINED_NOTE}" if untrained else ""), fontsize=9,
                  color="#b00020" if untrained else "black")
-    ax.legend(fontsize=7, loc="lower left")
+    # Legend and reasons under the axes: they never cover a line or a cross.
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
     if reasons:
-        ax.text(0.98, 0.04, textwrap.fill("x: undefined - " + "; ".join(sorted(reasons)), 60), transform=ax.transAxes,
-                ha="right", va="bottom", fontsize=7,
-                bbox={"facecolor": "white", "edgecolor": charts.UNDEFINED_COLOUR, "boxstyle": "round"})
-    fig.tight_layout()
+        fig.text(0.99, 0.01, textwrap.fill("x: undefined - " + "; ".join(sorted(reasons)), 60), ha="right",
+                 va="bottom", fontsize=7, color="#555555")
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.36)
     return charts.to_image(fig)
