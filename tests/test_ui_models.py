@@ -271,3 +271,18 @@ def test_faithfulness_and_downloads_work_for_any_pair(app: Any) -> None:
     assert {"chelsea-overlays.svg", "chelsea-probe.svg", "chelsea-groups.svg", "chelsea-gates.svg",
             "chelsea-gates-seresnet50.svg", "chelsea-gates-across-depth.svg"} <= files
     assert_models_as_found(app.pool)
+
+
+def test_a_pair_with_timms_weights_says_the_recipe_differs() -> None:
+    from sanet_viz.ui.pairs import recipe_note
+
+    start = tiny_start()
+    se = tiny_se()
+    se.weights = start["sanet50"].weights = WeightsInfo("a file", True)
+    pool = ModelPool(("sanet50", "seresnet50", "resnet50"), {**start, "seresnet50": se})
+    note = recipe_note(pool, ("sanet50", "seresnet50"))
+    assert "Tiny SE runs timm's weights: 80.26 % top-1" in note and "its paper's 76.71 %" in note
+    assert "Tiny SANet's released weights: 77.88 %" in note and "partly from the training recipe" in note
+    assert recipe_note(pool, ("resnet50", "sanet50")) == "", "the papers' own weights: nothing to say"
+    se.weights = WeightsInfo("untrained (test)", False)
+    assert recipe_note(pool, ("sanet50", "seresnet50")) == "", "untrained: the banner says so instead"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,20 +58,19 @@ def _unit(layout: GateLayout) -> str:
 def recipe_note(pool: ModelPool, pair: Sequence[str]) -> str:
     """One sentence where a model of the pair runs weights trained with another recipe than its
     paper's (timm's SE and ECA): part of an accuracy difference is the recipe's."""
-    others = [k for k in pair if k in MODEL_SPECS and pool.pretrained(k) is not False
-              and MODEL_SPECS[k].weights.meta.get("acc@1") != MODEL_SPECS[k].weights.meta.get("paper_acc@1")]
+    def meta(key: str) -> Mapping[str, Any]:
+        return MODEL_SPECS[key].weights.meta if key in MODEL_SPECS else {}
+
+    known = [k for k in pair if pool.pretrained(k) is not False and "acc@1" in meta(k)]  # not untrained
+    others = [k for k in known if meta(k)["acc@1"] != meta(k).get("paper_acc@1")]
     if not others:
         return ""
-    parts = []
-    for k in others:
-        meta = MODEL_SPECS[k].weights.meta
-        parts.append(f"{pool.name(k)} runs {meta['source'].split(' (')[0]}'s weights ({meta['acc@1']:.2f} % top-1; "
-                     f"its paper: {meta['paper_acc@1']:.2f} %)")
-    rest = [k for k in pair if k not in others and k in MODEL_SPECS]
-    paper = "".join(f", {pool.name(k)} its paper's ({MODEL_SPECS[k].weights.meta['acc@1']:.2f} %)" for k in rest
-                    if "acc@1" in MODEL_SPECS[k].weights.meta)
-    return (f'<div class="pair-note">{"; ".join(parts)}{paper}. Those were trained with a newer recipe: accuracy '
-            "differences in this pair come partly from the recipe, not only from the attention module.</div>")
+    parts = [f"{pool.name(k)} runs {meta(k)['source'].split(' (')[0]}'s weights: {meta(k)['acc@1']:.2f} % top-1 on "
+             f"ImageNet, trained with a newer recipe than its paper's {meta(k)['paper_acc@1']:.2f} %" for k in others]
+    beside = "".join(f" ({pool.name(k)}'s released weights: {meta(k)['acc@1']:.2f} %)" for k in known
+                     if k not in others)
+    return (f'<div class="pair-note">{"; ".join(parts)}{beside}. Accuracy differences in this pair come partly from '
+            "the training recipe, not only from the attention module.</div>")
 
 
 def pair_texts(pool: ModelPool, pair: Sequence[str]) -> PairTexts:

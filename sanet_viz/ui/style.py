@@ -56,7 +56,7 @@ abbr[title] {text-decoration:underline dotted; cursor:help;}
   #overlay-row > * {min-width:0 !important; flex:1 1 0 !important;}
   #overlay-row .top5 li {font-size:0.75em;}
   /* The pickers wrap (left and swap, then right): a model's name and "(untrained)" stay readable. */
-  #model-pickers {gap:6px !important;}
+  #model-pickers > *:not(#swap-models) {min-width:calc(100% - 64px) !important;}
   .top5 .headline {font-size:0.95em; overflow-wrap:anywhere;}
   .chart .title {font-size:12.5px;} .chart .tick, .chart .axis {font-size:10.5px;} .chart .legend {font-size:10px;}
   .probe-chart img {height:calc(var(--panels, 1) * 240px);}
