@@ -143,6 +143,12 @@ def test_a_lab_of_two_gives_todays_app_without_pickers(tmp_path: Path) -> None:
     assert c.difference.label == "Tiny SANet minus Tiny ResNet"
     assert h.page.groups.probe_resnet.label == "Also probe Tiny ResNet (takes as long again)"
     assert "Tiny ResNet has no attention modules" in h.page.depth.about.value
+    # Across depth as before pairs: SANet50's heatmaps, and its mean gates per module.
+    session = Session()
+    out = merged(h.analyse(CHELSEA, "gradcam", "predicted", LAYER, 0.5, False, False, session))
+    sanet = session.result.models["sanet50"]
+    np.testing.assert_array_equal(out[h.page.depth.lines], charts.to_image(charts.gates_lines(sanet.sa_gates)))
+    np.testing.assert_array_equal(out[h.page.depth.heatmap], charts.to_image(charts.model_gates_chart(sanet)))
 
 
 def test_picking_a_model_loads_it_names_the_pair_and_analyses_again(app: Any, loader: Loader) -> None:
