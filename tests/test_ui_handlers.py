@@ -63,10 +63,10 @@ def test_analyse_fills_every_view_and_the_last_message_is_complete(app: Any) -> 
     session = Session()
     messages = analyse(app, session)
     final = messages[-1]
-    for key in ("resnet50", "sanet50"):
-        image = final[p.compare.images[key]]
+    for slot in ("left", "right"):  # the Compare tab's places (ResNet50, SANet50 by default)
+        image = final[p.compare.images[slot]]
         assert isinstance(image, np.ndarray) and image.shape == (224, 224, 3)
-        assert "untrained" in final[p.compare.top5[key]].lower()  # every headline of an untrained model says so
+        assert "untrained" in final[p.compare.top5[slot]].lower()  # every headline of an untrained model says so
     data = final[p.download.result_json]
     assert set(data["models"]) == {"resnet50", "sanet50"}
     assert data["models"]["sanet50"]["cam"]["class_agnostic"] is False
@@ -75,7 +75,7 @@ def test_analyse_fills_every_view_and_the_last_message_is_complete(app: Any) -> 
     assert "<img" in final[p.groups.probe] and final[p.groups.probe].count('data-group="') == 64
     assert final[p.groups.grid].count('data-group="') == 64
     # The first message clears what an earlier picture left.
-    assert messages[0][p.compare.images["sanet50"]] is None and messages[0][p.download.result_json] is None
+    assert messages[0][p.compare.images["right"]] is None and messages[0][p.download.result_json] is None
 
 
 def test_eigencam_says_the_class_has_no_effect(app: Any) -> None:
@@ -83,24 +83,24 @@ def test_eigencam_says_the_class_has_no_effect(app: Any) -> None:
     chosen = merged(analyse(app, Session(), "eigencam", "3"))
     predicted = merged(analyse(app, Session(), "eigencam", "predicted"))
     assert chosen[p.download.result_json]["models"]["sanet50"]["cam"]["class_agnostic"] is True
-    assert "ignores the class" in chosen[p.compare.captions["sanet50"]]
-    np.testing.assert_array_equal(chosen[p.compare.images["sanet50"]], predicted[p.compare.images["sanet50"]])
+    assert "ignores the class" in chosen[p.compare.captions["right"]]
+    np.testing.assert_array_equal(chosen[p.compare.images["right"]], predicted[p.compare.images["right"]])
 
 
 def test_slow_method_in_a_page_is_estimated_then_completed_in_its_own_lane(app: Any) -> None:
     p = app.page
     session = Session(page=True)
     fast = merged(analyse(app, session, "scorecam"))
-    assert fast[p.compare.images["sanet50"]] is None, "old or pending heatmaps are not shown as current"
+    assert fast[p.compare.images["right"]] is None, "old or pending heatmaps are not shown as current"
     assert "masked forwards" in fast[p.compare.status] and "Cancel" in fast[p.compare.status]
     assert fast[p.controls.cancel]["visible"] is True
     assert p.download.result_json not in fast or fast[p.download.result_json] is None
     slow = last(app.complete_slow(0.5, session))
-    progress = [m[p.compare.captions[k]] for m in slow for k in ("resnet50", "sanet50")
+    progress = [m[p.compare.captions[k]] for m in slow for k in ("left", "right")
                 if p.compare.captions[k] in m and "of" in str(m[p.compare.captions[k]])]
     assert progress, "the panel being computed shows its progress"
     final = slow[-1]
-    assert isinstance(final[p.compare.images["sanet50"]], np.ndarray)
+    assert isinstance(final[p.compare.images["right"]], np.ndarray)
     assert final[p.download.result_json]["models"]["sanet50"]["cam"]["method"] == "scorecam"
 
 
@@ -130,7 +130,7 @@ def test_a_non_picture_is_refused_at_upload_and_stale_results_cleared(app: Any, 
         out = app.new_image(str(text), session)
     assert any("notes.jpg" in str(w.message) and "not a picture" in str(w.message) for w in caught)
     assert out[p.controls.image] is None and "notes.jpg" in out[p.compare.status]
-    assert out[p.compare.images["sanet50"]] is None and out[p.download.result_json] is None
+    assert out[p.compare.images["right"]] is None and out[p.download.result_json] is None
     assert session.result is None and session.image is None
     with pytest.raises(gr.Error, match="Add an image first"):
         analyse(app, session, path=None)
@@ -140,10 +140,10 @@ def test_controls_views_and_groups(app: Any) -> None:
     p = app.page
     session = Session()
     final = analyse(app, session)[-1]
-    crop = final[p.compare.images["sanet50"]]
-    whole = app.rerender(0.5, "whole photo (crop outlined)", session)[p.compare.images["sanet50"]]
+    crop = final[p.compare.images["right"]]
+    whole = app.rerender(0.5, "whole photo (crop outlined)", session)[p.compare.images["right"]]
     assert whole.shape[:2] == session.image.preview.shape[:2] != crop.shape[:2]
-    faint = app.rerender(0.1, "centre crop (what the models see)", session)[p.compare.images["sanet50"]]
+    faint = app.rerender(0.1, "centre crop (what the models see)", session)[p.compare.images["right"]]
     assert faint.shape == crop.shape and not np.array_equal(faint, crop)
     opened = app.select_group(5, session)
     assert "**Chunk 5**" in opened[p.groups.detail_text] and opened[p.groups.group] == 5

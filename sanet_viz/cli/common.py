@@ -72,11 +72,13 @@ def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> Non
                    help="fail instead of running a model with untrained weights ($SANET_VIZ_REQUIRE_PRETRAINED=1)")
 
 
-def add_models_arg(p: argparse.ArgumentParser, *, what: str = "the two models to compare") -> None:
-    """--models KEY,KEY: registered models by key, in order ($SANET_VIZ_MODELS; default resnet50,sanet50)."""
+def add_models_arg(p: argparse.ArgumentParser, *, what: str = "the two models to compare",
+                   default: Sequence[str] | None = None) -> None:
+    """--models KEY,KEY: registered models by key, in order ($SANET_VIZ_MODELS; default ``default``,
+    else resnet50,sanet50)."""
     from ..weights import DEFAULT_MODELS, MODEL_SPECS
 
-    default = os.environ.get("SANET_VIZ_MODELS", "").strip() or ",".join(DEFAULT_MODELS)
+    default = os.environ.get("SANET_VIZ_MODELS", "").strip() or ",".join(default or DEFAULT_MODELS)
     p.add_argument("--models", default=default, metavar="KEY,KEY",
                    help=f"{what}, from {', '.join(MODEL_SPECS)} ($SANET_VIZ_MODELS; default {default})")
 

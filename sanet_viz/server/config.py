@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli.common import add_model_args, add_precision_arg
+from ..cli.common import add_model_args, add_models_arg, add_precision_arg
 from ..limits import LIMITS
 
 __all__ = ["parse_args", "add_limit_args"]
@@ -25,12 +25,17 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(description="sanet-viz: ResNet50 vs SANet50 in the browser")
+    p = argparse.ArgumentParser(description="sanet-viz: ResNet50 vs SANet50 (and SE, ECA) in the browser")
     p.add_argument("--host", default=env("SANET_VIZ_HOST", "127.0.0.1"),
                    help="interface to listen on; 0.0.0.0 in containers ($SANET_VIZ_HOST)")
     p.add_argument("--port", type=int, default=int(env("SANET_VIZ_PORT", env("PORT", "7860"))),
                    help="port ($SANET_VIZ_PORT)")
     add_model_args(p)
+    from ..weights import MODEL_SPECS
+
+    add_models_arg(p, what="the models the app offers, in order; the first two are the pair a visitor starts with "
+                   "(loaded at start), the others load when a visitor first picks one; name two for exactly "
+                   "that comparison", default=tuple(MODEL_SPECS))
     add_precision_arg(p, of="of the probe's masked forwards; fp32 skips auto's check at start-up")
     add_limit_args(p)
     p.add_argument("--profiles", type=Path, default=env("SANET_VIZ_PROFILES") or None,

@@ -13,10 +13,11 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from ..analysis import AnalysisOptions, analyze
-from ..lab import Lab
+from ..lab import Lab, LoadedModel, load_model
 from ..preprocessing import DecodeLimits
 from ..ui import CSS, THEME, AppSettings, build_demo
-from ..weights import default_weights_dir
+from ..ui.pool import Expected, ModelPool
+from ..weights import MODEL_SPECS, WeightsError, default_weights_dir, parse_model_keys, resolve_source
 from . import shutdown
 from .env import gradio_temp_dir
 from .janitor import CacheJanitor
@@ -24,7 +25,7 @@ from .memory import MemoryReleaser
 from .shutdown import GracefulStop
 from .stats import engine_stats
 
-__all__ = ["create_demo", "launch", "warm_up", "check_paths", "WARM_UP_IMAGE", "ROOT"]
+__all__ = ["create_demo", "launch", "warm_up", "check_paths", "model_pool", "WARM_UP_IMAGE", "ROOT"]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 WARM_UP_IMAGE = ROOT / "examples" / "chelsea.jpg"
@@ -63,13 +64,50 @@ def warm_up(lab: Lab, image_path: Path = WARM_UP_IMAGE, *, precision: str = "aut
     log.info("warm-up analysis done in %.1f s", time.perf_counter() - start)
 
 
+def _expected(key: str, explicit: str | None, args: argparse.Namespace) -> Expected:
+    """What an offered model not loaded yet will run with, from where its weights would come
+    (:func:`weights.resolve_source`: reads and downloads nothing)."""
+    source = resolve_source(MODEL_SPECS[key], explicit, weights_dir=args.weights_dir)
+    if source.kind == "untrained":
+        return Expected(False, source.reason)
+    return Expected(True, f"{source.location} ({source.reason})")
+
+
+def model_pool(args: argparse.Namespace) -> ModelPool:
+    """The models of ``--models``: the first two loaded now and warmed up, the others loaded (and
+    warmed up on the same picture) when a visitor first picks one."""
+    try:
+        offered = parse_model_keys(args.models)
+    except ValueError as exc:
+        raise SystemExit(f"--models: {exc}") from None
+    if len(offered) < 2:
+        raise SystemExit(f"--models: name at least two models (the pair a visitor starts with), got {args.models}")
+    specs = {key: getattr(args, key, None) for key in MODEL_SPECS}
+    lab = Lab.load(models=offered[:2], specs=specs, device=args.device, weights_dir=args.weights_dir,
+                   require_pretrained=args.require_pretrained, log=log.info)
+    warm_up(lab, precision=args.precision)
+    expected = {key: _expected(key, specs[key], args) for key in offered[2:]}
+    for key, e in expected.items():
+        if args.require_pretrained and not e.pretrained:  # fail at start, not at a visitor's first pick
+            raise WeightsError(f"{MODEL_SPECS[key].display_name}: {e.note} (--require-pretrained; or leave it "
+                               "out of --models)")
+        log.info("%s: offered, loads on first use; weights: %s", MODEL_SPECS[key].display_name,
+                 e.note if e.pretrained else f"UNTRAINED ({e.note})")
+
+    def loader(key: str) -> LoadedModel:
+        lm = load_model(key, specs[key], device=lab.device, weights_dir=args.weights_dir,
+                        require_pretrained=args.require_pretrained, log=log.info)
+        warm_up(Lab({key: lm}), precision=args.precision)  # its precision check on the same picture as the others'
+        return lm
+
+    return ModelPool(offered, lab.models, loader=loader, expected=expected)
+
+
 def create_demo(args: argparse.Namespace) -> gr.Blocks:
-    """Load both models once (progress in the log) and build the Blocks."""
+    """Load the starting pair once (progress in the log) and build the Blocks."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_paths(args)
-    lab = Lab.load(resnet50=args.resnet50, sanet50=args.sanet50, device=args.device,
-                   weights_dir=args.weights_dir, require_pretrained=args.require_pretrained, log=log.info)
-    warm_up(lab, precision=args.precision)
+    pool = model_pool(args)
     profiles = None
     if args.profiles:
         from ..profiles import load_profiles
@@ -80,18 +118,21 @@ def create_demo(args: argparse.Namespace) -> gr.Blocks:
                            cache_ttl_s=args.cache_ttl, output_ttl_s=args.cache_ttl,
                            concurrency=args.concurrency, profiles=profiles, stopping=shutdown.stopping,
                            precision=args.precision)
-    demo = build_demo(lab, settings)
+    demo = build_demo(pool, settings)
     if os.environ.get("SANET_VIZ_DEBUG_STATS", "") in {"1", "true"}:
         log.warning("SANET_VIZ_DEBUG_STATS: /debug_stats shows hook counts and memory; not for public servers")
 
         def debug_stats() -> dict[str, Any]:
-            return engine_stats(lab)
+            return engine_stats(Lab(pool.models))  # every model loaded so far
 
         with demo:
             gr.api(debug_stats, api_name="debug_stats", concurrency_limit=None, api_visibility="undocumented")
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
-    demo.weight_files = [lm.weights.source for lm in lab.models.values()  # type: ignore[attr-defined]
-                         if lm.weights.pretrained and Path(lm.weights.source).is_file()]
+    # Weights files to refuse if they lie in a served folder: those loaded, and those the others will load.
+    files = [lm.weights.source for lm in pool.models.values() if lm.weights.pretrained]
+    files += [resolve_source(MODEL_SPECS[k], getattr(args, k, None), weights_dir=args.weights_dir).location
+              for k in pool.offered if not pool.loaded(k)]
+    demo.weight_files = [f for f in files if Path(f).is_file()]  # type: ignore[attr-defined]
     return demo
 
 

@@ -6,7 +6,6 @@ by every visitor (one lock each, in :class:`lab.LoadedModel`).
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import gradio as gr
@@ -14,6 +13,8 @@ import gradio as gr
 from ..lab import Lab
 from . import views
 from .handlers import AppSettings, Handlers, Page
+from .pairs import weights_banner as _weights_banner
+from .pool import ModelPool
 from .session import Session
 from .style import CSS, SCROLL_JS, THEME
 from .tabs import (
@@ -27,60 +28,51 @@ from .tabs import (
     class_choices,
     layer_choices,
 )
-from .texts import ADD_WEIGHTS, INTRO, SA_NET_URL
+from .texts import INTRO, intro
 from .upload import UploadedImage
 from .views import nearest_view
 
-__all__ = ["build_demo", "AppSettings", "Handlers", "Session", "THEME", "CSS", "UploadedImage", "nearest_view",
-           "class_choices", "layer_choices", "weights_banner"]
+__all__ = ["build_demo", "AppSettings", "Handlers", "ModelPool", "Session", "THEME", "CSS", "UploadedImage",
+           "nearest_view", "class_choices", "layer_choices", "weights_banner", "INTRO"]
 
 
-def weights_banner(lab: Lab) -> tuple[str, str]:
-    """(one sentence for visitors, detail for the operator). The operator's detail (paths, download
-    errors, variables) stays out of the visitor's sentence; it is also in the server log."""
-    untrained = lab.untrained
-    if not untrained:
-        names = ", ".join(lm.display_name for lm in lab.models.values())
-        return (f'<div class="banner banner-pretrained">{names}: both run with their published, pretrained '
-                "weights.</div>", "")
-    who = " and ".join(untrained)
-    visitor = (f'<div class="banner banner-untrained"><b>Demo mode:</b> {html.escape(who)} '
-               f"{'run' if len(untrained) > 1 else 'runs'} with random, untrained weights, so the pictures show "
-               f'how the tool works, not what the networks learned. <a href="{SA_NET_URL}" target="_blank" '
-               'rel="noopener">The real weights</a> · <a href="#operator-notes">how to add them</a>.</div>')
-    lines = [f"- **{lm.display_name}**: " + (f"pretrained, {lm.weights.source}" if lm.weights.pretrained
-                                             else f"untrained: {lm.weights.note}") for lm in lab.models.values()]
-    return visitor, "\n".join(lines) + "\n\n" + ADD_WEIGHTS
+def weights_banner(models: Lab | ModelPool) -> tuple[str, str]:
+    """(one sentence for visitors, detail for the operator) about every offered model's weights
+    (:func:`pairs.weights_banner`)."""
+    return _weights_banner(models if isinstance(models, ModelPool) else ModelPool.of(models))
 
 
-def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
-    """The whole app for ``lab``'s models; launch it with :data:`THEME` and :data:`CSS`.
+def build_demo(models: Lab | ModelPool, settings: AppSettings | None = None) -> gr.Blocks:
+    """The whole app for the offered models (a :class:`ModelPool`, or a lab's models, all loaded:
+    its first two are the pair a visitor starts with); launch it with :data:`THEME` and :data:`CSS`.
 
     The handlers are on ``demo.handlers`` (tests call them without a server).
     """
+    pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
+    start = pool.lab(pool.start)
     settings = settings or AppSettings()
     examples = sorted(str(p) for p in settings.examples_dir.glob("*") if p.suffix.lower() in {".jpg", ".png"})
-    colorbars = (views.colorbar_html("jet", "0: weakest", "1: strongest", "each map scaled to its own maximum"),
-                 views.colorbar_html(views.DIFF_CMAP, "ResNet50 looks more", "SANet50 looks more", "0: alike"))
+    colorbar = views.colorbar_html("jet", "0: weakest", "1: strongest", "each map scaled to its own maximum")
     cache_every = max(1, min(1800, settings.cache_ttl_s // 2))
     with gr.Blocks(title="sanet-viz: Shuffle Attention vs ResNet50",
                    delete_cache=(cache_every, settings.cache_ttl_s)) as demo:
         session = gr.State(lambda: Session())  # a fresh one per visitor (a class would be read as a value)
-        gr.Markdown("## sanet-viz: what Shuffle Attention changes inside ResNet50\n" + INTRO, elem_id="page-title")
-        visitor, operator = weights_banner(lab)
-        gr.HTML(visitor, elem_id="weights-banner")
+        gr.Markdown("## sanet-viz: what Shuffle Attention changes inside ResNet50\n" + intro(len(pool.offered)),
+                    elem_id="page-title")
+        visitor, operator = weights_banner(pool)
+        banner = gr.HTML(visitor, elem_id="weights-banner")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                controls = build_controls(lab, examples, settings.limits.max_bytes)
+                controls = build_controls(start, examples, settings.limits.max_bytes)
             with gr.Column(scale=3, elem_id="results"), gr.Tabs(overflow_behavior="wrap"):
                 with gr.Tab("Compare", id="compare"):
-                    compare = build_compare_tab(lab, colorbars)
+                    compare = build_compare_tab(pool, colorbar)
                 with gr.Tab("SA groups", id="groups"):
-                    groups = build_groups_tab()
+                    groups = build_groups_tab(pool)
                 with gr.Tab("Across depth", id="depth"):
-                    depth = build_depth_tab()
+                    depth = build_depth_tab(pool)
                 with gr.Tab("Class correlation", id="correlation"):
-                    correlation = build_correlation_tab()
+                    correlation = build_correlation_tab(pool)
                 with gr.Tab("Faithfulness", id="faithfulness"):
                     faithfulness = build_faithfulness_tab()
                 with gr.Tab("Download", id="download"):
@@ -89,8 +81,8 @@ def build_demo(lab: Lab, settings: AppSettings | None = None) -> gr.Blocks:
             with gr.Accordion("For the server's operator: why untrained, and how to add the real weights",
                               open=False, elem_id="operator-notes"):
                 gr.Markdown(operator)
-        page = Page(session, controls, compare, groups, depth, correlation, faithfulness, download)
-        handlers = Handlers(lab, settings, page)
+        page = Page(session, controls, compare, groups, depth, correlation, faithfulness, download, banner)
+        handlers = Handlers(pool, settings, page)
         _wire(demo, handlers, page, settings)
     demo.handlers = handlers  # type: ignore[attr-defined]
     return demo
@@ -103,12 +95,21 @@ def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> No
     fast: dict[str, Any] = {"concurrency_id": "fast", "concurrency_limit": settings.concurrency, **quiet}
     slow: dict[str, Any] = {"concurrency_id": "slow", "concurrency_limit": 1, "api_visibility": "private", **quiet}
     f = page.faithfulness
-    inputs = [c.image, c.method, c.target, c.layer, c.opacity, g.probe_resnet, f.every, s]
+    # The last input, hidden on the page, is the API's optional pair ("sanet50,seresnet50"); the
+    # page's pickers set the visitor's pair instead (Session.pair).
+    inputs = [c.image, c.method, c.target, c.layer, c.opacity, g.probe_resnet, f.every, s, c.models]
+    p = page.compare
 
-    demo.load(h.new_session, None, [s], api_visibility="private", queue=False)
+    demo.load(h.new_session, None, [s, p.left, p.right, *([page.banner] if page.banner else [])],
+              api_visibility="private", queue=False)
     runs = [c.analyse.click(h.analyse, inputs, outputs, api_name="analyze", js=SCROLL_JS, **fast)]
     runs += [control.change(h.reanalyse, inputs, outputs, trigger_mode="always_last", api_visibility="private",
                             **fast) for control in (c.method, c.target, c.layer)]
+    picked = [p.left, p.right, *inputs[:-1]]
+    pair_outputs = [*outputs, *h.layout_outputs()]
+    runs += [picker.input(h.pick, picked, pair_outputs, trigger_mode="always_last", api_visibility="private", **fast)
+             for picker in (p.left, p.right)]
+    runs.append(p.swap.click(h.swap, picked, pair_outputs, api_visibility="private", **fast))
     finishing = [run.then(h.complete_slow, [c.opacity, s], outputs, **slow) for run in runs]
     c.cancel.click(h.cancel, [s], [page.compare.status, c.cancel], cancels=finishing, api_visibility="private",
                    queue=False)
@@ -133,6 +134,7 @@ def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> No
     d = page.download
     d.make.click(h.make_figures, [d.layout, d.difference, c.opacity, s], [d.figures], api_visibility="private",
                  **fast)
-    k = page.correlation
-    k.button.click(h.correlate, [k.files, k.labels], [k.line, k.matrices, k.table, k.message, k.numbers],
+    r = page.correlation
+    # The session's pair (an API call: the starting pair); its outputs and inputs as before pairs.
+    r.button.click(h.correlate, [r.files, r.labels, s], [r.line, r.matrices, r.table, r.message, r.numbers],
                    api_name="correlate", **fast)

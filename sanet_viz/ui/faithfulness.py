@@ -22,7 +22,7 @@ __all__ = ["FaithfulnessHandlers"]
 
 
 class FaithfulnessHandlers:
-    lab: Lab
+    lab_for: Callable[[AnalysisResult], Lab]  # the models of a result (PairHandlers')
     settings: Any
     page: Any
     _final: Callable[[Session, float], dict[Any, Any]]
@@ -49,7 +49,7 @@ class FaithfulnessHandlers:
             for key in result.models:
                 yield {self.page.faithfulness.verdict: views.status_html(
                     f"Randomising {result.models[key].display_name} block by block…", kind="busy")}
-                add_randomization(self.lab, image, result, model_keys=(key,), progress=lambda *_: check())
+                add_randomization(self.lab_for(result), image, result, model_keys=(key,), progress=lambda *_: check())
                 yield self._faithfulness_views(session)
         except Cancelled as exc:
             raise gr.Error(f"Stopped: {exc}.", print_exception=False) from None
@@ -69,7 +69,7 @@ class FaithfulnessHandlers:
             return
         yield {self.page.faithfulness.verdict: views.status_html(
             "Measuring deletion, insertion and ROAD for both maps…", kind="busy")}
-        add_faithfulness(self.lab, image, result, randomization=False, progress=lambda *_: check())
+        add_faithfulness(self.lab_for(result), image, result, randomization=False, progress=lambda *_: check())
         yield self._faithfulness_views(session)
 
     def _faithfulness_views(self, session: Session) -> dict[Any, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .. import charts, figures
+from .. import figures
 from ..analysis import (
     AnalysisOptions,
     add_probes,
@@ -39,9 +39,22 @@ from ..progress import Cancelled
 from ..results import AnalysisResult, ModelResult
 from . import views
 from .correlate import CorrelationHandlers
+from .depth import DepthHandlers, result_charts
 from .faithfulness import FaithfulnessHandlers
+from .pairs import PairHandlers
+from .pool import ModelPool, PairError
 from .session import Session
-from .tabs import PREDICTED, CompareTab, Controls, CorrelationTab, DepthTab, DownloadTab, FaithfulnessTab, GroupsTab
+from .tabs import (
+    PREDICTED,
+    SLOTS,
+    CompareTab,
+    Controls,
+    CorrelationTab,
+    DepthTab,
+    DownloadTab,
+    FaithfulnessTab,
+    GroupsTab,
+)
 
 __all__ = ["AppSettings", "Page", "Handlers"]
 
@@ -75,6 +88,7 @@ class Page:
     correlation: CorrelationTab
     faithfulness: FaithfulnessTab
     download: DownloadTab
+    banner: gr.HTML | None = None  # every offered model's weights, in one sentence
 
     def faithfulness_outputs(self) -> list[Any]:
         f = self.faithfulness
@@ -93,17 +107,29 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-class Handlers(FaithfulnessHandlers, CorrelationHandlers):
-    def __init__(self, lab: Lab, settings: AppSettings, page: Page) -> None:
-        self.lab, self.settings, self.page = lab, settings, page
+class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHandlers):
+    def __init__(self, models: Lab | ModelPool, settings: AppSettings, page: Page) -> None:
+        self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
+        self.settings, self.page = settings, page
         self.slow_lane = threading.Semaphore(1)
+
+    @property
+    def lab(self) -> Lab:
+        """The starting pair's models (a visitor's own pair: :meth:`lab_of`)."""
+        return self.pool.lab(self.pool.start)
 
     # ----------------------------------------------------------------------------------------
     # Page and image
 
     def new_session(self) -> dict[Any, Any]:
-        """On page load: a session that belongs to a browser page."""
-        return {self.page.session: Session(page=True)}
+        """On page load: a session that belongs to a browser page; the pickers and the banner as
+        they are now (a model loaded since the server started may have turned out untrained)."""
+        c = self.page.compare
+        out: dict[Any, Any] = {self.page.session: Session(page=True), c.left: gr.update(choices=self.pool.choices()),
+                               c.right: gr.update(choices=self.pool.choices())}
+        if self.page.banner is not None:
+            out[self.page.banner] = self.banner()
+        return out
 
     def new_image(self, path: str | None, session: Session | None) -> dict[Any, Any]:
         """A new picture (or none): refuse what is not a picture at once, clear stale results."""
@@ -123,7 +149,8 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
                     self.page.compare.status: views.status_html(exc.message, kind="error")}
         return {**cleared, self.page.compare.status: views.status_html("Ready: press <b>Analyse</b>.")}
 
-    def _prepare(self, path: str | None, session: Session) -> Any:
+    def _prepare(self, path: str | None, session: Session, lab: Lab | None = None) -> Any:
+        """The picture prepared for the models of ``lab`` (default: the visitor's pair)."""
         if not path:
             raise gr.Error("Add an image first: upload, drop, paste, use the webcam, or pick an example.",
                            print_exception=False)
@@ -132,13 +159,16 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         except OSError:
             raise gr.Error(f"{Path(path).name}: the upload is no longer on the server; please add it again.",
                            print_exception=False) from None
-        if key != session.image_key or session.image is None:
+        lab = lab or self.lab_of(session)
+        if key != session.image_key or session.image is None or not _prepared_for(session.image, lab):
             try:
-                image = self.lab.prepare(path, limits=self.settings.limits, name=Path(path).name)
+                image = lab.prepare(path, limits=self.settings.limits, name=Path(path).name)
             except ImageDecodeError as exc:  # the visitor's file: a message for them, one log line here
                 log.info("refused upload: %s", exc)
                 raise gr.Error(str(exc), print_exception=False) from None
-            session.image_key, session.image, session.result = key, image, None
+            if key != session.image_key:  # the same picture made for another pair keeps its probes
+                session.result = None
+            session.image_key, session.image = key, image
         return session.image
 
     def _cleared(self, session: Session) -> dict[Any, Any]:
@@ -151,22 +181,29 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
                                p.depth.nearest: "", p.download.archive: None, p.download.result_json: None,
                                p.download.figures: None, p.faithfulness.verdict: "", p.faithfulness.curves: None,
                                p.faithfulness.road: "", p.faithfulness.cascade: None, p.faithfulness.strips: None}
-        for key in self.lab.models:
-            out |= {p.compare.images[key]: None, p.compare.top5[key]: "", p.compare.captions[key]: ""}
+        for slot in SLOTS:
+            out |= {p.compare.images[slot]: None, p.compare.top5[slot]: "", p.compare.captions[slot]: ""}
         return out
 
     # ----------------------------------------------------------------------------------------
     # Analysis: the fast lane
 
-    def options(self, method: str, target: str | None, layer: str | None) -> AnalysisOptions:
+    def options(self, method: str, target: str | None, layer: str | None,
+                lab: Lab | None = None) -> AnalysisOptions:
         target_class = None if not target or target == PREDICTED else int(str(target).split(":")[0])
         return AnalysisOptions(method=method, target_class=target_class, cam_layer=layer or None,
                                precision=self.settings.precision,
-                               num_classes=min(lm.num_classes for lm in self.lab.models.values()))
+                               num_classes=min(lm.num_classes for lm in (lab or self.lab).models.values()))
 
     def analyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
-                probe_resnet: bool, faithfulness: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
-        """Heatmaps first, then group maps and gates, then SANet50's probe (and ResNet50's if asked).
+                probe_resnet: bool, faithfulness: bool, session: Session | None,
+                models: str | None = None) -> Iterator[dict[Any, Any]]:
+        """Heatmaps first, then group maps and gates, then the right model's probe (and the left
+        one's if asked: ``probe_resnet``, named for the default pair's left model).
+
+        ``models``: "KEY,KEY" (left, right) for this analysis only; empty: the visitor's pair. It is
+        the API's optional last input: a client keeps its session between calls, and its next call
+        without it gets the starting pair again. In a browser the pickers set the pair.
 
         A slow method's maps are left pending for :meth:`complete_slow` in a browser; an API call
         completes them here. The last message holds everything (what API clients get).
@@ -174,10 +211,16 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         session = session or Session()
         run = session.start()
         session.faithfulness = bool(faithfulness)
-        image = self._prepare(path, session)
-        options = self.options(method, target, layer)
         try:
-            yield from self._analyse(session, run, image, options, path, opacity, probe_resnet)
+            pair = self.pool.pair(models) if models else self.pair_of(session)
+        except PairError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        yield from self._loading(pair)
+        lab = self.pool.lab(pair)
+        image = self._prepare(path, session, lab)
+        options = self.options(method, target, layer, lab)
+        try:
+            yield from self._analyse(session, run, image, options, path, opacity, probe_resnet, lab)
         except Cancelled as exc:  # a newer request of this visitor, Cancel, or a server stopping
             if self.settings.stopping():
                 raise gr.Error("The server is shutting down; please try again in a minute.",
@@ -187,13 +230,14 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
                        self.page.controls.cancel: gr.update(visible=False)}
 
     def reanalyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
-                  probe_resnet: bool, faithfulness: bool, session: Session | None) -> Iterator[dict[Any, Any]]:
+                  probe_resnet: bool, faithfulness: bool, session: Session | None,
+                  models: str | None = None) -> Iterator[dict[Any, Any]]:
         """A control changed: analyse again if there is a picture (and say nothing if there is none)."""
         if session is not None and session.image is not None and path:
-            yield from self.analyse(path, method, target, layer, opacity, probe_resnet, faithfulness, session)
+            yield from self.analyse(path, method, target, layer, opacity, probe_resnet, faithfulness, session, models)
 
     def _analyse(self, session: Session, run: int, image: Any, options: AnalysisOptions, path: str | None,
-                 opacity: float, probe_resnet: bool) -> Iterator[dict[Any, Any]]:
+                 opacity: float, probe_resnet: bool, lab: Lab) -> Iterator[dict[Any, Any]]:
         check = session.checker(run, self.settings.stopping)
         method = options.method
         slow = method in MULTI_PASS_METHODS
@@ -201,7 +245,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         label = CAM_METHODS[method][1].split(" (")[0]
         yield {**self._cleared(session), self.page.compare.status: views.status_html(
             f"Computing {label} for both models…", kind="busy")}
-        result = explain(self.lab, image, options, name=Path(path or "image").name, defer_slow=slow)
+        result = explain(lab, image, options, name=Path(path or "image").name, defer_slow=slow)
         self._keep_probes(result, previous)
         session.result = result
         check()
@@ -212,7 +256,8 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
                self.page.compare.status: views.status_html(status, kind="busy"),
                self.page.controls.cancel: gr.update(visible=slow and session.page)}
         yield {**self._groups_views(session), **self._depth_views(session), **self._faithfulness_views(session)}
-        yield from self._probes(session, ("sanet50",) + (("resnet50",) if probe_resnet else ()), check)
+        left, right = result.models  # the pair, in order: the right model is always probed, the left on demand
+        yield from self._probes(session, (right,) + ((left,) if probe_resnet else ()), check)
         if slow and session.page:
             return  # completed by complete_slow, in the slow lane
         if slow:  # an API call: complete here, but never wait for the slow lane in a fast-lane slot
@@ -244,7 +289,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         for key in keys:
             if key in result.models and result.models[key].probe is None:
                 check()
-                add_probes(self.lab, session.image, result, model_keys=(key,))
+                add_probes(self.lab_for(result), session.image, result, model_keys=(key,))
                 yield self._groups_views(session)
 
     def _pending(self, result: AnalysisResult) -> list[str]:
@@ -254,7 +299,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         """What the slow method will cost, said before it starts."""
         parts = []
         for key in self._pending(result):
-            m, lm = result.models[key], self.lab.models[key]
+            m, lm = result.models[key], self.pool.get(key)
             acts = m.pending_cam
             assert acts is not None
             flat = acts.flatten(2)
@@ -301,8 +346,9 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
     def _slow_steps(self, session: Session, run: int, key: str, options: AnalysisOptions,
                     opacity: float) -> Iterator[dict[Any, Any]]:
         """One model's slow CAM in a worker thread; this generator reports its progress."""
-        result, image, lm = session.result, session.image, self.lab.models[key]
+        result, image, lm = session.result, session.image, self.pool.get(key)
         assert result is not None and image is not None
+        caption = self.page.compare.captions[SLOTS[list(result.models).index(key)]]
         check = session.checker(run, self.settings.stopping)
         state: dict[str, Any] = {"done": 0, "total": 1, "start": time.perf_counter()}
 
@@ -322,8 +368,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         try:
             while worker.is_alive():
                 worker.join(0.75)
-                yield {self.page.compare.captions[key]: views.status_html(
-                    self._progress_text(label, state), kind="busy")}
+                yield {caption: views.status_html(self._progress_text(label, state), kind="busy")}
         finally:
             if worker.is_alive():  # the page went away or Cancel was pressed: stop at the next batch
                 session.cancel()
@@ -335,7 +380,7 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
             if run != session.run:  # replaced by a newer request, which owns the page now
                 return
             yield {self.page.compare.status: views.status_html(f"{label} stopped: {error}.", kind="stale"),
-                   self.page.compare.captions[key]: views.status_html(f"{label} cancelled.", kind="stale"),
+                   caption: views.status_html(f"{label} cancelled.", kind="stale"),
                    self.page.controls.cancel: gr.update(visible=False)}
             return
         if error is not None:
@@ -379,10 +424,10 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         if result is None:
             return {}
         out: dict[Any, Any] = {}
-        for key, m in result.models.items():
-            out[c.images[key]] = views.cam_image(result, key, opacity=opacity, view=session.view)
-            out[c.top5[key]] = views.top5_html(m)
-            out[c.captions[key]] = views.caption_html(m) if m.cam is not None else views.status_html(
+        for slot, (key, m) in zip(SLOTS, result.models.items(), strict=True):
+            out[c.images[slot]] = views.cam_image(result, key, opacity=opacity, view=session.view)
+            out[c.top5[slot]] = views.top5_html(m)
+            out[c.captions[slot]] = views.caption_html(m) if m.cam is not None else views.status_html(
                 "Waiting for its turn in the slow lane…", kind="busy")
         out[c.difference] = views.difference_image(result, view=session.view)
         out[c.difference_caption] = self._difference_caption(list(result.models.values()))
@@ -399,26 +444,15 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
                 f'{b.display_name} <b>{b.target_label}</b>; choose one class to compare like with like.</div>')
 
     def _groups_views(self, session: Session) -> dict[Any, Any]:
+        """The right model's group maps (it is always probed) and every probe so far."""
         result, g = session.result, self.page.groups
         if result is None:
             return {}
-        picture, text = views.group_detail(result, session.group)
+        key = list(result.models)[-1]
+        picture, text = views.group_detail(result, session.group, key=key)
         return {g.probe: views.probe_chart_html(result, sort=session.sort, selected=session.group),
-                g.grid: views.group_grid_html(result, selected=session.group), g.group: session.group,
+                g.grid: views.group_grid_html(result, selected=session.group, key=key), g.group: session.group,
                 g.detail_image: picture, g.detail_text: text}
-
-    def _depth_views(self, session: Session) -> dict[Any, Any]:
-        result, d = session.result, self.page.depth
-        sanet = result.models.get("sanet50") if result else None
-        if sanet is None or not sanet.sa_gates:
-            return {d.heatmap: None, d.lines: None, d.nearest: "*SANet50's SA gates appear here.*"}
-        if session.depth_charts is None or session.depth_charts[0] is not result:
-            heatmap = charts.to_image(charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates "
-                                                           "across depth"))
-            session.depth_charts = (result, heatmap, charts.to_image(charts.gates_lines(sanet.sa_gates)))
-        _, heatmap, lines = session.depth_charts
-        return {d.heatmap: heatmap, d.lines: lines,
-                d.nearest: views.nearest_view(sanet.sa_gates, self.settings.profiles)}
 
     def _final(self, session: Session, opacity: float) -> dict[Any, Any]:
         """Every view complete, the zip and result.json written: the message API clients get."""
@@ -448,26 +482,18 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="analysis-figures-", dir=self.settings.output_dir))
         stem = Path(result.image_name).stem or "image"
-        paths = [figures.save_figure(figures.result_figure(result, columns=columns, layout=layout, opacity=opacity),
-                                     folder / f"{stem}-figure-{layout}.{fmt}") for fmt in figures.FORMATS]
-        for name, chart in self._charts(result).items():
+        try:
+            figure = figures.result_figure(result, columns=columns, layout=layout, opacity=opacity)
+            paths = [figures.save_figure(figure, folder / f"{stem}-figure-{layout}.{fmt}") for fmt in figures.FORMATS]
+        except ValueError as exc:  # a figures module that knows only the default pair's columns
+            log.info("no comparison figure for %s: %s", ", ".join(result.models), exc)
+            gr.Warning(f"The comparison figure could not be made for this pair ({exc}); the charts are here.")
+            paths = []
+        for name, chart in result_charts(result).items():
             path = folder / f"{stem}-{name}.svg"
             path.write_bytes(figures.svg_bytes(chart, tight=True))
             paths.append(path)
         return {self.page.download.figures: [str(p) for p in paths]}
-
-    @staticmethod
-    def _charts(result: AnalysisResult) -> dict[str, Any]:
-        out = {"overlays": charts.overlay_pair(result)}
-        if any(m.probe is not None for m in result.models.values()):
-            out["probe"] = charts.probe_chart(result)
-        sanet = result.models.get("sanet50")
-        if sanet is not None:
-            out["groups"] = charts.group_grid(sanet.group_maps, title=f"{sanet.display_name}: group maps of SA_5_3")
-            if sanet.sa_gates:
-                out["gates"] = charts.gates_heatmap(sanet.sa_gates, title=f"{sanet.display_name}: SA gates")
-                out["gates-by-depth"] = charts.gates_lines(sanet.sa_gates)
-        return out
 
     def rerender(self, opacity: float, view: str, session: Session | None) -> dict[Any, Any]:
         """Opacity or view changed: redraw the heatmaps (typed, dragged or keyed values all apply)."""
@@ -494,18 +520,28 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers):
             return {self.page.groups.probe: gr.skip()}
         return {self.page.groups.probe: views.probe_chart_html(session.result, sort=sort, selected=session.group)}
 
-    def add_resnet_probe(self, probe_resnet: bool, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
-        """The baseline's probe for the image already analysed, when the box is ticked."""
-        yield from self._at_least_one(self._add_resnet_probe(probe_resnet, opacity, session))
+    def add_left_probe(self, probe_left: bool, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """The left model's probe for the image already analysed, when the box is ticked."""
+        yield from self._at_least_one(self._add_left_probe(probe_left, opacity, session))
 
-    def _add_resnet_probe(self, probe_resnet: bool, opacity: float,
-                          session: Session | None) -> Iterator[dict[Any, Any]]:
-        if not probe_resnet or session is None or session.result is None or session.image is None:
+    add_resnet_probe = add_left_probe  # its name when the left model was always ResNet50
+
+    def _add_left_probe(self, probe_left: bool, opacity: float,
+                        session: Session | None) -> Iterator[dict[Any, Any]]:
+        if not probe_left or session is None or session.result is None or session.image is None:
             return
         check = session.checker(session.run, self.settings.stopping)
-        yield from self._probes(session, ("resnet50",), check)
+        yield from self._probes(session, tuple(session.result.models)[:1], check)
         if not self._pending(session.result):
             yield self._final(session, opacity)
+
+
+def _prepared_for(image: Any, lab: Lab) -> bool:
+    """Whether ``image`` was prepared for every model of ``lab``, its display by the first one's
+    preprocessing (as :meth:`Lab.prepare` makes it for that pair)."""
+    needed = lab.transforms
+    made = {image.transform, *image.others}
+    return image.transform in (None, needed[0]) and (image.transform is None or set(needed) <= made)
 
 
 def _prune(folder: Path, ttl_s: float) -> None:

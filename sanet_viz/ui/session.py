@@ -31,6 +31,9 @@ class Session:
     sort: str = BY_GROUP
     view: str = CROP
     faithfulness: bool = False  # measure with every analysis
+    # The visitor's two models (left, right) from the Compare tab's pickers; None: the app's
+    # starting pair. An API call names its own (``/analyze``'s last input) for that call.
+    pair: tuple[str, str] | None = None
     # The depth charts of ``result`` (result, gates heatmap, gates lines): 0.5-0.9 s of drawing,
     # done once per result rather than with every message.
     depth_charts: tuple[Any, Any, Any] | None = field(default=None, repr=False)

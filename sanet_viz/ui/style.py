@@ -48,11 +48,15 @@ CSS = """
 .group-grid .k {position:absolute; left:2px; top:1px; font-size:11px; line-height:14px; color:#fff;
   background:rgba(0,0,0,0.55); padding:0 3px; border-radius:3px;}
 abbr[title] {text-decoration:underline dotted; cursor:help;}
+#swap-models {align-self:center; max-height:44px;}
+.pair-note {font-size:0.88em; color:#444; background:#f3f6fa; border-radius:6px; padding:6px 10px;}
 @media (max-width: 700px) {
   /* Both heatmaps side by side at half width on a phone. */
   #overlay-row {flex-wrap:nowrap !important; gap:6px !important;}
   #overlay-row > * {min-width:0 !important; flex:1 1 0 !important;}
   #overlay-row .top5 li {font-size:0.75em;}
+  /* The pickers wrap (left and swap, then right): a model's name and "(untrained)" stay readable. */
+  #model-pickers > *:not(#swap-models) {min-width:calc(100% - 64px) !important;}
   .top5 .headline {font-size:0.95em; overflow-wrap:anywhere;}
   .chart .title {font-size:12.5px;} .chart .tick, .chart .axis {font-size:10.5px;} .chart .legend {font-size:10px;}
   .probe-chart img {height:calc(var(--panels, 1) * 240px);}

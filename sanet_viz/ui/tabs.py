@@ -10,6 +10,8 @@ import gradio as gr
 from ..cam import CAM_METHODS, MULTI_PASS_METHODS
 from ..lab import Lab
 from ..models import module_to_paper_name
+from . import pairs
+from .pool import ModelPool
 from .session import BY_GROUP, BY_SCORE, CROP, WHOLE
 from .style import CLICK_JS
 from .texts import GLOSSARY, HOW_TO_READ
@@ -18,9 +20,10 @@ from .upload import UploadedImage
 __all__ = ["Controls", "CompareTab", "GroupsTab", "DepthTab", "CorrelationTab", "FaithfulnessTab", "DownloadTab",
            "PREDICTED", "build_controls", "build_compare_tab", "build_groups_tab", "build_depth_tab",
            "build_correlation_tab", "build_faithfulness_tab", "build_download_tab", "class_choices",
-           "layer_choices", "how_to_read"]
+           "layer_choices", "how_to_read", "SLOTS"]
 
 PREDICTED = "predicted"
+SLOTS = ("left", "right")  # the Compare tab's two places; the difference is right minus left
 
 
 def class_choices(categories: Sequence[str]) -> list[tuple[str, str]]:
@@ -53,9 +56,11 @@ class Controls:
     layer: gr.Dropdown
     opacity: gr.Slider
     view: gr.Radio
+    models: gr.Textbox  # hidden: /analyze's optional pair "KEY,KEY" (empty: the visitor's pair)
 
 
 def build_controls(lab: Lab, examples: Sequence[str], max_bytes: int) -> Controls:
+    """The picture and the controls; ``lab``: the starting pair (classes, layers)."""
     image = UploadedImage(type="filepath", label="Image", height=260, elem_id="image-input",
                           sources=["upload", "webcam", "clipboard"])
     image.max_bytes = max_bytes
@@ -78,37 +83,54 @@ def build_controls(lab: Lab, examples: Sequence[str], max_bytes: int) -> Control
         opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
         view = gr.Radio([CROP, WHOLE], value=CROP, label="View", elem_id="view",
                         info="The models see only a 224 x 224 centre crop of the photo")
-    return Controls(image, analyse, cancel, method, target, layer, opacity, view)
+    models = gr.Textbox("", visible=False, label="models", elem_id="api-models")
+    return Controls(image, analyse, cancel, method, target, layer, opacity, view, models)
 
 
 @dataclass
 class CompareTab:
     status: gr.HTML
-    images: dict[str, gr.Image]
+    images: dict[str, gr.Image]  # by slot (SLOTS); elem_id overlay-<model key>, following the pair
     top5: dict[str, gr.HTML]
     captions: dict[str, gr.HTML]
     difference: gr.Image
     difference_caption: gr.HTML
+    left: gr.Dropdown  # the pickers (hidden when the app offers only two models)
+    right: gr.Dropdown
+    swap: gr.Button
+    note: gr.Markdown  # the pair's weights: where recipes differ
+    difference_box: gr.Accordion
+    difference_bar: gr.HTML
 
 
-def build_compare_tab(lab: Lab, colorbars: tuple[str, str]) -> CompareTab:
+def build_compare_tab(pool: ModelPool, colorbar: str) -> CompareTab:
+    pair = pool.start
+    words = pairs.pair_texts(pool, pair)
+    with gr.Row(elem_id="model-pickers", visible=len(pool.offered) > 2, equal_height=True):
+        left = gr.Dropdown(pool.choices(), value=pair[0], label="Left model", elem_id="model-left", scale=4,
+                           min_width=130)
+        swap = gr.Button("⇄", elem_id="swap-models", scale=0, min_width=44, size="sm")
+        right = gr.Dropdown(pool.choices(), value=pair[1], label="Right model", elem_id="model-right", scale=4,
+                            min_width=130)
+    note = gr.Markdown(words.note, elem_id="pair-note", visible=bool(words.note))
     status = gr.HTML(elem_id="compare-status")
     images, top5, captions = {}, {}, {}
     with gr.Row(elem_id="overlay-row", equal_height=False):
-        for key, lm in lab.models.items():
+        for slot, key in zip(SLOTS, pair, strict=True):
             with gr.Column(min_width=140):
-                images[key] = gr.Image(label=lm.display_name, interactive=False, format="png",
-                                       elem_id=f"overlay-{key}", show_label=True, buttons=["download"])
-                top5[key] = gr.HTML(elem_id=f"top5-{key}")
-                captions[key] = gr.HTML(elem_id=f"caption-{key}")
-    gr.HTML(colorbars[0])
-    with gr.Accordion("Difference: SANet50 minus ResNet50", open=True):
-        difference = gr.Image(label="SANet50 minus ResNet50", interactive=False, format="png",
+                images[slot] = gr.Image(label=pool.name(key), interactive=False, format="png",
+                                        elem_id=f"overlay-{key}", show_label=True, buttons=["download"])
+                top5[slot] = gr.HTML(elem_id=f"top5-{key}")
+                captions[slot] = gr.HTML(elem_id=f"caption-{key}")
+    gr.HTML(colorbar)
+    with gr.Accordion(f"Difference: {words.difference}", open=True, elem_id="difference-box") as difference_box:
+        difference = gr.Image(label=words.difference, interactive=False, format="png",
                               elem_id="difference", height=320, buttons=["download"])
-        gr.HTML(colorbars[1])
+        difference_bar = gr.HTML(words.difference_bar)
         difference_caption = gr.HTML(elem_id="difference-caption")
     how_to_read("compare", glossary=True)
-    return CompareTab(status, images, top5, captions, difference, difference_caption)
+    return CompareTab(status, images, top5, captions, difference, difference_caption, left, right, swap, note,
+                      difference_box, difference_bar)
 
 
 @dataclass
@@ -122,14 +144,15 @@ class GroupsTab:
     detail_text: gr.Markdown
 
 
-def build_groups_tab() -> GroupsTab:
+def build_groups_tab(pool: ModelPool) -> GroupsTab:
     how_to_read("groups", glossary=True)
     probe = gr.HTML(elem_id="probe-chart", js_on_load=CLICK_JS, label="Group probes")
     with gr.Row():
         sort = gr.Radio([BY_GROUP, BY_SCORE], value=BY_GROUP, label="Order the bars", elem_id="probe-sort",
                         scale=1)
-        probe_resnet = gr.Checkbox(False, label="Also probe ResNet50 (takes as long again)", elem_id="probe-resnet",
-                                   scale=2)
+        # The left model's probe, on demand (the right one's runs with every analysis).
+        probe_resnet = gr.Checkbox(False, label=pairs.pair_texts(pool, pool.start).probe_left,
+                                   elem_id="probe-resnet", scale=2)
     with gr.Row():
         with gr.Column(scale=3, min_width=300):
             grid = gr.HTML(elem_id="group-grid", js_on_load=CLICK_JS, label="Group maps")
@@ -144,20 +167,22 @@ def build_groups_tab() -> GroupsTab:
 
 @dataclass
 class DepthTab:
-    heatmap: gr.Image
-    lines: gr.Image
+    heatmap: gr.Image  # each gated model's gates in its own unit (SA: depth x group; SE, ECA: per channel)
+    lines: gr.Image  # SA's mean gates per module; with two gated models, both on one axis of depth
     nearest: gr.Markdown
+    about: gr.Markdown  # what the pair has: which gates, in which unit, or none
 
 
-def build_depth_tab() -> DepthTab:
+def build_depth_tab(pool: ModelPool) -> DepthTab:
     how_to_read("depth")
+    about = gr.Markdown(pairs.pair_texts(pool, pool.start).depth, elem_id="gates-about")
     # The charts carry their own titles: no label box over them.
-    heatmap = gr.Image(label="SA gates: depth x group", show_label=False, interactive=False, elem_id="gates-heatmap",
-                       format="png")
-    lines = gr.Image(label="Mean gate per SA module", show_label=False, interactive=False, elem_id="gates-lines",
-                     format="png")
+    heatmap = gr.Image(label="Gates of each model across depth", show_label=False, interactive=False,
+                       elem_id="gates-heatmap", format="png")
+    lines = gr.Image(label="Mean gate per module, on one axis of depth", show_label=False, interactive=False,
+                     elem_id="gates-lines", format="png")
     nearest = gr.Markdown(elem_id="nearest-classes")
-    return DepthTab(heatmap, lines, nearest)
+    return DepthTab(heatmap, lines, nearest, about)
 
 
 @dataclass
@@ -170,11 +195,11 @@ class CorrelationTab:
     matrices: gr.Image
     table: gr.Dataframe
     numbers: gr.JSON
+    intro: gr.Markdown
 
 
-def build_correlation_tab() -> CorrelationTab:
-    gr.Markdown("Upload images of several classes. For each SA depth: how alike the classes' SA gate profiles "
-                "are (the paper: shared early, class-specific late).")
+def build_correlation_tab(pool: ModelPool) -> CorrelationTab:
+    intro = gr.Markdown(pairs.pair_texts(pool, pool.start).correlation, elem_id="correlation-intro")
     how_to_read("correlation")
     # No file_types: Gradio would refuse a real picture with an odd or missing extension; the
     # decoder decides and names each file it skips.
@@ -187,10 +212,11 @@ def build_correlation_tab() -> CorrelationTab:
                     elem_id="correlation-depth")
     matrices = gr.Image(label="Class x class correlation", show_label=False, interactive=False,
                         elem_id="correlation-matrices")
-    table = gr.Dataframe(headers=["image", "class used", "SANet50 prediction"], interactive=False)
+    table = gr.Dataframe(headers=pairs.correlation_headers([pool.name(k) for k in pool.start
+                                                            if pool.models[k].has_gates]), interactive=False)
     with gr.Accordion("The numbers (JSON)", open=False):
         numbers = gr.JSON(label="correlation", elem_id="correlation-json")
-    return CorrelationTab(files, labels, button, message, line, matrices, table, numbers)
+    return CorrelationTab(files, labels, button, message, line, matrices, table, numbers, intro)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ADD_WEIGHTS", "GLOSSARY", "HOW_TO_READ", "INTRO", "SA_NET_URL", "term"]
+__all__ = ["ADD_WEIGHTS", "GLOSSARY", "HOW_TO_READ", "INTRO", "SA_NET_URL", "intro", "term"]
 
 SA_NET_URL = "https://github.com/wofmanaf/SA-Net"  # its README's table links the released weights
 TORCHVISION_URL = "https://pytorch.org/vision/stable/models/generated/torchvision.models.resnet50.html"
@@ -13,11 +13,22 @@ ADD_WEIGHTS = (
     "is online) and `sa_resnet50.pth.tar` (the SA-Net release, BaiduDrive share code 474p, linked from "
     f"[the SA-Net repository]({SA_NET_URL})) in the `weights/` folder, or start the app with "
     "`--resnet50 SPEC` / `--sanet50 SPEC` (a path, an http(s) URL or `hf://owner/repo/file`), then restart it. "
-    "`python -m sanet_viz weights` shows what the server finds.")
+    "`python -m sanet_viz weights` shows what the server finds. SE-ResNet50 and ECA-ResNet50d download timm's "
+    "weights from Hugging Face when the server is online (or `--seresnet50 SPEC` / `--ecaresnet50d SPEC`); "
+    "`--models` limits what the app offers.")
 
 INTRO = ("Upload a photo. Two networks classify it: **ResNet50** and **SANet50**, the same network with "
          "*Shuffle Attention* (SA-Net, ICASSP 2021) in every block. The heatmaps show where each one looks; "
          "the other tabs open up SANet50's attention.")
+
+PICK_MORE = (" Above the heatmaps you can pick other models: SANet50 beside the channel attention its paper "
+             "compares it with (**SE**-ResNet50, **ECA**-ResNet50d), or any two of them.")
+
+
+def intro(offered: int) -> str:
+    """The page's introduction; with more than two models offered, a word on the pickers."""
+    return INTRO + (PICK_MORE if offered > 2 else "")
+
 
 # Term -> one-sentence definition (tooltips, and the glossary under "How to read this").
 GLOSSARY: dict[str, str] = {
@@ -47,8 +58,8 @@ HOW_TO_READ: dict[str, str] = {
         "- **Heatmaps**: red is where the explanation is strongest, blue where it is weakest. Each map is "
         "scaled to its own maximum (1 = its strongest point), so compare *where* the models look, not how "
         "strongly.\n"
-        "- **Difference**: SANet50's map minus ResNet50's: red where SANet50 looks more, blue where "
-        "ResNet50 does.\n"
+        "- **Difference**: the right model's map minus the left one's (SANet50's minus ResNet50's by default): "
+        "red where the right model looks more, blue where the left one does.\n"
         "- The models see only the **centre crop** of the photo; switch *View* to see it in place.\n"
         "- **Score-CAM / Ablation-CAM** run one forward pass per channel (2048): they take minutes here; "
         "you can cancel them. **EigenCAM** ignores the class you choose.\n"
@@ -62,13 +73,18 @@ HOW_TO_READ: dict[str, str] = {
         "probability without a mask. A bar near or above it means the chunk keeps what the model needs.\n"
         "- Blue bars (even *k*) hold channel-branch halves, orange bars (odd *k*) spatial-branch halves "
         "of SA groups *k*/2 and 32 + *k*/2: the channel shuffle interleaves them.\n"
+        "- The right model is always probed; tick the box for the left one too. A model without SA (ResNet50, "
+        "SE-ResNet50, ECA-ResNet50d) has grey bars: its chunks are just consecutive channels, with no branches.\n"
         "- Hover a bar for its value; click a bar or a map to open that chunk."),
     "depth": (
         "- One row per SA module from SA_2_1 (early) to SA_5_3 (last), one column per SA group: how far "
         "each gate is open for this image, averaged over the group's channels (and pixels).\n"
         "- The paper finds early gates similar across classes and late gates class-specific.\n"
         "- With untrained SANet50 every gate is sigmoid(1) = 0.731: the picture is flat, and that says "
-        "nothing about SA."),
+        "nothing about SA.\n"
+        "- **SE** and **ECA** (picked above the heatmaps) have one gate per channel (256 to 2048 per module), "
+        "not per group: their chart shows, module by module, how the gates spread over the channels. With two "
+        "gated models, the second chart puts both on one axis of depth, each in its own unit."),
     "faithfulness": (
         "A heatmap invites belief; these numbers test it, for each model's map as shown (same class).\n"
         "- **Deletion** (lower area = more faithful): pixels are removed most important first (set to the "
@@ -85,7 +101,8 @@ HOW_TO_READ: dict[str, str] = {
         "With untrained weights these numbers describe random networks and favour no map."),
     "correlation": (
         "- For each SA module, each class's average gate profile (64 channel + 64 spatial gates) is "
-        "compared with every other class's (Pearson r).\n"
+        "compared with every other class's (Pearson r). For SE and ECA the profile is the gate of every "
+        "channel; every gated model of the pair is correlated on the same images and labels.\n"
         "- High r at a depth: classes use SA's groups alike there. The paper: high early, lower late.\n"
         "- A correlation of a constant profile is **undefined**: such depths are greyed, with the reason, "
         "never drawn as a number. Untrained SANet50 gives constant profiles everywhere."),

@@ -10,24 +10,27 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Collection, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from .. import charts
 from ..cam import CAM_METHODS
+from ..correlation import ClassCorrelation
 from ..results import AnalysisResult, ModelResult
 from .session import BY_SCORE, WHOLE
 from .texts import term
 
 __all__ = ["cam_image", "difference_image", "top5_html", "caption_html", "colorbar_html", "probe_chart_html",
            "group_grid_html", "group_detail", "nearest_view", "status_html", "faithfulness_table", "stacked",
-           "DIFF_CMAP", "GRID_CELL"]
+           "titled", "correlation_depth_image", "DIFF_CMAP", "GRID_CELL"]
 
 DIFF_CMAP = "RdBu_r"
 GRID_CELL, GRID_GAP, GRID_COLS = 72, 2, 8
@@ -94,7 +97,8 @@ def cam_image(result: AnalysisResult, key: str, *, opacity: float, view: str) ->
 
 
 def difference_image(result: AnalysisResult, *, view: str) -> np.ndarray | None:
-    """SANet50's map minus ResNet50's over a grey copy of the crop: red where SANet50 looks more."""
+    """The right (second) model's map minus the left one's over a grey copy of the crop: red where
+    the right one looks more (SANet50 minus ResNet50 for the default pair)."""
     maps = [m.cam for m in result.models.values()]
     if len(maps) != 2 or any(c is None for c in maps):
         return None
@@ -174,7 +178,7 @@ def _probe_panel(m: ModelResult, top: float, sort: str, selected: int | None,
     html_parts = [at(2, top + 13, f"{untrained}<b>{html.escape(m.display_name)}</b>: class {probe.target_class} "
                                   f"{html.escape(probe_label(m))}", cls="title"),
                   at(2, top + 36, "blue: even k (channel-branch halves) · orange: odd k (spatial)"
-                     if sa else "grey: ResNet50 has no SA branches", cls="legend")]
+                     if sa else f"grey: {html.escape(m.display_name)} has no SA branches", cls="legend")]
     svg = []
     for i in range(5):
         y = base - plot_h * i / 4
@@ -261,9 +265,14 @@ def _jpeg_data_url(picture: np.ndarray, quality: int = 88) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def group_grid_html(result: AnalysisResult, *, selected: int | None = None) -> str:
-    """SANet50's (else the first model's) 64 group maps over the crop, numbered; click one to open it."""
-    m = result.models.get("sanet50") or next(iter(result.models.values()))
+def _grid_model(result: AnalysisResult, key: str | None) -> ModelResult:
+    return result.models[key] if key else result.models.get("sanet50") or next(iter(result.models.values()))
+
+
+def group_grid_html(result: AnalysisResult, *, selected: int | None = None, key: str | None = None) -> str:
+    """Model ``key``'s (default: SANet50's, else the first model's) 64 group maps over the crop,
+    numbered; click one to open it."""
+    m = _grid_model(result, key)
     g = m.group_maps.shape[0]
     rows = int(np.ceil(g / GRID_COLS))
     cell, gap = GRID_CELL, GRID_GAP
@@ -285,15 +294,18 @@ def group_grid_html(result: AnalysisResult, *, selected: int | None = None) -> s
             + colorbar_html(charts.CAM_CMAP, "low", "high", "each map scaled to its own range, as the probe's mask"))
 
 
-def group_detail(result: AnalysisResult, k: int) -> tuple[np.ndarray | None, str]:
-    """Chunk ``k`` of SA_5_3 large over the image, with what it holds, its gates and probe score."""
-    m = result.models.get("sanet50") or next(iter(result.models.values()))
+def group_detail(result: AnalysisResult, k: int, *, key: str | None = None) -> tuple[np.ndarray | None, str]:
+    """Chunk ``k`` of model ``key``'s probe layer (SA_5_3) large over the image, with what it holds,
+    its gates and probe score."""
+    m = _grid_model(result, key)
     g = m.group_maps.shape[0]
     k = int(np.clip(k, 0, g - 1))
     mask = _chunk_maps(m.group_maps[k:k + 1], result.display.shape[0])[0]
     picture = _blend(result.display, _colour(mask, charts.CAM_CMAP), 0.6)
+    if m.sa_gates is None:
+        return picture, "\n".join(_plain_chunk(m, k) + _probe_line(m, k))
     lines = [f"**Chunk {k}** = channels {32 * k}-{32 * k + 31} of {term('SA_5_3')}'s output."]
-    if m.sa_gates is not None:
+    if m.sa_gates:
         branch = "channel" if k % 2 == 0 else "spatial"
         groups = (k // 2, g // 2 + k // 2)
         lines.append(f"It holds the **{branch}-branch** halves of SA groups {groups[0]} and {groups[1]} (the "
@@ -302,10 +314,34 @@ def group_detail(result: AnalysisResult, k: int) -> tuple[np.ndarray | None, str
         if gates is not None:
             lines += [f"- SA group {s}: mean channel gate {gates['channel'][s]:.3f}, mean spatial gate "
                       f"{gates['spatial'][s]:.3f}" for s in groups]
-    if m.probe is not None:
-        lines.append(f"- Probe: {m.probe.scores[k]:.4f} with the input masked by this map "
-                     f"(unmasked {m.probe.unmasked_score:.4f}).")
-    return picture, "\n".join(lines)
+    return picture, "\n".join(lines + _probe_line(m, k))
+
+
+def _probe_line(m: ModelResult, k: int) -> list[str]:
+    if m.probe is None:
+        return []
+    return [f"- Probe: {m.probe.scores[k]:.4f} with the input masked by this map "
+            f"(unmasked {m.probe.unmasked_score:.4f})."]
+
+
+def _plain_chunk(m: ModelResult, k: int) -> list[str]:
+    """What chunk ``k`` is in a model without SA: consecutive channels, no branches; for SE and ECA,
+    the channel gates those channels got in the same block."""
+    name, g = html.escape(m.display_name), m.group_maps.shape[0]
+    profile = m.gates
+    if profile is None or profile.layout.unit != "channel":
+        return [f"**Chunk {k}** = channels {32 * k}-{32 * k + 31} of the last block's output (layer4.2, where "
+                f"SANet50 has {term('SA_5_3')}).",
+                f"{name} has no attention modules: no SA groups or branches (its bars are grey), no gates."]
+    depth = profile.layout.depth_name(m.probe.layer) if m.probe is not None else profile.depths[-1]
+    gates = np.asarray(profile.values.get(depth, profile.values[profile.depths[-1]])["channel"], np.float64)
+    per = max(1, len(gates) // g)
+    mine = gates[per * k:per * (k + 1)]
+    layer = m.probe.layer if m.probe is not None else "the last block"
+    return [f"**Chunk {k}** = channels {per * k}-{per * (k + 1) - 1} of {layer}'s output (the block of {depth}).",
+            f"{name} has no SA groups or branches (its bars are grey): a chunk is just {per} consecutive channels. "
+            f"Its {profile.layout.kind} gates act per channel: at {depth} these {per} channels' gates have mean "
+            f"{mine.mean():.3f} (from {mine.min():.3f} to {mine.max():.3f})."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,10 +383,74 @@ def faithfulness_table(measured: dict[str, ModelResult]) -> str:
     return "\n".join(rows)
 
 
-def stacked(pictures: Sequence[np.ndarray]) -> np.ndarray | None:
-    """Pictures one above the other (white padding to the widest)."""
+def stacked(pictures: Sequence[np.ndarray], *, centre: bool = False) -> np.ndarray | None:
+    """Pictures one above the other (white padding to the widest, on the right or both sides)."""
     if not pictures:
         return None
     width = max(p.shape[1] for p in pictures)
-    padded = [np.pad(p, ((0, 8), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in pictures]
+
+    def sides(p: np.ndarray) -> tuple[int, int]:
+        spare = width - p.shape[1]
+        return (spare // 2, spare - spare // 2) if centre else (0, spare)
+
+    padded = [np.pad(p, ((0, 8), sides(p), (0, 0)), constant_values=255) for p in pictures]
     return np.concatenate(padded)[:-8]
+
+
+def titled(fig: Figure, title: str) -> np.ndarray:
+    """``fig`` as a picture with ``title`` above it (the name of the model a chart belongs to)."""
+    fig.suptitle(title, fontsize=11, fontweight="bold", y=1.0, va="bottom")
+    return charts.to_image(fig)
+
+
+def _depth_key(depth: str) -> str:
+    """``"SE_5_3"`` -> ``"5_3"``: the place on the common axis of depth (stage_block)."""
+    return depth.split("_", 1)[1]
+
+
+def correlation_depth_image(corrs: Mapping[str, ClassCorrelation], *, kinds: Mapping[str, str],
+                            untrained: Collection[str] = ()) -> np.ndarray:
+    """Mean between-class correlation against depth for every gated model (by display name), on
+    one axis of stage_block (2_1 ... 5_3): the paper's claim (shared early, class-specific late)
+    read for SA beside SE or ECA on the same images. An undefined depth is no point on its line,
+    but a grey cross on the axis, with the reasons below."""
+    positions = sorted({_depth_key(d) for c in corrs.values() for d in c.depths},
+                       key=lambda p: tuple(int(v) for v in p.split("_")))
+    fig = Figure(figsize=(8.5, 4.6))
+    ax = fig.subplots()
+    reasons: set[str] = set()
+    lows = [-0.05]
+    for i, (name, corr) in enumerate(corrs.items()):
+        colour = charts.GATE_MODEL_COLOURS[i % len(charts.GATE_MODEL_COLOURS)]
+        x = np.array([positions.index(_depth_key(d)) for d in corr.depths])
+        r = np.array([corr.mean_between[d] for d in corr.depths], np.float64)
+        defined = ~np.isnan(r)
+        tag = " (UNTRAINED)" if name in untrained else ""
+        what = "64 channel + 64 spatial group gates" if kinds.get(name) == "SA" else "one gate per channel"
+        if defined.any():
+            ax.plot(x[defined], r[defined], marker="o", color=colour,
+                    label=f"{name}{tag}: {kinds.get(name, '')} profile ({what})")
+            lows.append(float(r[defined].min()) - 0.05)
+        if (~defined).any():
+            ax.plot(x[~defined], np.full((~defined).sum(), -1.0 + 0.04 * i), "x", color=colour, ms=7,
+                    label=f"{name}{tag}: undefined at {int((~defined).sum())} of {len(r)} depths (x)")
+            reasons |= {corr.notes[d] for d in corr.depths if d in corr.notes and not corr.defined(d)}
+    for i in range(1, len(positions)):  # grey lines between stages
+        if positions[i].split("_")[0] != positions[i - 1].split("_")[0]:
+            ax.axvline(i - 0.5, color="#cccccc", lw=1)
+    ax.set_xticks(range(len(positions)), positions, fontsize=8)
+    ax.set_xlabel("depth: stage_block (stage 2-5 = layer1-layer4)", fontsize=8)
+    ax.set_ylim(-1.05 if reasons else min(lows), 1.05)
+    ax.set_ylabel("mean between-class r", fontsize=9)
+    first = next(iter(corrs.values()))
+    heading = (f"Between-class correlation of mean gate profiles, {len(first.classes)} classes "
+               "(paper: high early, falling with depth)")
+    ax.set_title(heading + (f"\n{charts.UNTRAINED_NOTE}" if untrained else ""), fontsize=9,
+                 color="#b00020" if untrained else "black")
+    # Legend and reasons under the axes: they never cover a line or a cross.
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
+    if reasons:
+        fig.text(0.99, 0.01, textwrap.fill("x: undefined - " + "; ".join(sorted(reasons)), 60), ha="right",
+                 va="bottom", fontsize=7, color="#555555")
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.88, bottom=0.36)
+    return charts.to_image(fig)
