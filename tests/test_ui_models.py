@@ -276,6 +276,7 @@ def test_faithfulness_and_downloads_work_for_any_pair(app: Any) -> None:
     files = {Path(x).name for x in app.make_figures("page", True, 0.5, session)[d.figures]}
     assert {"chelsea-overlays.svg", "chelsea-probe.svg", "chelsea-groups.svg", "chelsea-gates.svg",
             "chelsea-gates-seresnet50.svg", "chelsea-gates-across-depth.svg"} <= files
+    assert {f"chelsea-figure-page.{fmt}" for fmt in ("pdf", "svg", "png")} <= files  # the pair's comparison figure
     assert_models_as_found(app.pool)
 
 

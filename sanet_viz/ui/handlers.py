@@ -482,13 +482,8 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="analysis-figures-", dir=self.settings.output_dir))
         stem = Path(result.image_name).stem or "image"
-        try:
-            figure = figures.result_figure(result, columns=columns, layout=layout, opacity=opacity)
-            paths = [figures.save_figure(figure, folder / f"{stem}-figure-{layout}.{fmt}") for fmt in figures.FORMATS]
-        except ValueError as exc:  # a figures module that knows only the default pair's columns
-            log.info("no comparison figure for %s: %s", ", ".join(result.models), exc)
-            gr.Warning(f"The comparison figure could not be made for this pair ({exc}); the charts are here.")
-            paths = []
+        figure = figures.result_figure(result, columns=columns, layout=layout, opacity=opacity)
+        paths = [figures.save_figure(figure, folder / f"{stem}-figure-{layout}.{fmt}") for fmt in figures.FORMATS]
         for name, chart in result_charts(result).items():
             path = folder / f"{stem}-{name}.svg"
             path.write_bytes(figures.svg_bytes(chart, tight=True))
