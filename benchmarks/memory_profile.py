@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,17 +88,20 @@ class Measured:
     error: str = ""
 
 
-def requests_of(methods: list[str], images: list[Path]) -> list[tuple[str, Callable[[Any], Any]]]:
-    """The series: (name, call with a gradio_client.Client)."""
+def requests_of(methods: list[str], images: list[Path],
+                pairs: Sequence[str] = ()) -> list[tuple[str, Callable[[Any], Any]]]:
+    """The series: (name, call with a gradio_client.Client); ``pairs`` ("KEY,KEY") are analysed
+    with Grad-CAM after the methods, each loading its models on first use."""
     from gradio_client import handle_file
 
     first = str(images[0])
 
-    def analyze(method: str, probe_resnet: bool = False) -> Callable[[Any], Any]:
+    def analyze(method: str, probe_resnet: bool = False, models: str = "") -> Callable[[Any], Any]:
         return lambda c: c.predict(handle_file(first), method=method, probe_resnet=probe_resnet,
-                                   api_name="/analyze")
+                                   models=models, api_name="/analyze")
 
     series = [(f"analyze {m}", analyze(m)) for m in methods]
+    series += [(f"analyze gradcam, pair {pair}", analyze("gradcam", models=pair)) for pair in pairs]
     series.append(("analyze gradcam + ResNet50 probe", analyze("gradcam", probe_resnet=True)))
     labels = "\n".join("ab"[i % 2] for i in range(len(images)))
     series.append((f"correlate {len(images)} images",
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sanet50", default="untrained")
     p.add_argument("--app-args", default="", help="more flags for app.py")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment for the app")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="KEY,KEY",
+                   help="also analyse with these pairs (the app loads their models on first use), e.g. "
+                        "sanet50,seresnet50 seresnet50,ecaresnet50d")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.settle)
         report["ready_mb"] = round(sampler.latest(), 0)
         print(f"[memory] ready: {report['ready_mb']:.0f} MB resident", file=sys.stderr, flush=True)
-        series = requests_of(methods, args.images)
+        series = requests_of(methods, args.images, args.pairs)
         rows = run_series(url, sampler, series, args.after)
         lt.wait_idle(url)
         time.sleep(args.settle)

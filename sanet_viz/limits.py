@@ -57,6 +57,9 @@ LIMITS: dict[str, Limit] = {
                         "widest width:height (or height:width) ratio; a centre crop of more shows nothing", float),
     "max_correlation_images": Limit("48", "SANET_VIZ_MAX_CORRELATION_IMAGES", None,
                                     "images per class-correlation request"),
+    "max_loaded_models": Limit("3", "SANET_VIZ_MAX_LOADED_MODELS", "--max-loaded-models",
+                               "models the app keeps loaded at once (about 0.2 GB each); picking another "
+                               "unloads the least recently used"),
 }
 
 

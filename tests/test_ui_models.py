@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 from conftest import EXAMPLES, tiny_sa_resnet
+from test_attention_models import lively
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import charts
@@ -36,16 +37,8 @@ INFO = WeightsInfo("untrained (test)", False, note="test models")
 def tiny_se() -> LoadedModel:
     """A small timm SE-ResNet (bicubic preprocessing, as the registry's entry), its gates lively."""
     torch.manual_seed(0)
-    se = timm.create_model("seresnet18", pretrained=False, num_classes=10)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in se.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return LoadedModel("seresnet50", "Tiny SE", se.eval(), INFO, probe_layer="layer4.1", probe_groups=64,
+    se = lively(timm.create_model("seresnet18", pretrained=False, num_classes=10))
+    return LoadedModel("seresnet50", "Tiny SE", se, INFO, probe_layer="layer4.1", probe_groups=64,
                        transform=TIMM_BICUBIC_EVAL)
 
 
@@ -293,3 +286,32 @@ def test_a_pair_with_timms_weights_says_the_recipe_differs() -> None:
     assert recipe_note(pool, ("resnet50", "sanet50")) == "", "the papers' own weights: nothing to say"
     se.weights = WeightsInfo("untrained (test)", False)
     assert recipe_note(pool, ("sanet50", "seresnet50")) == "", "untrained: the banner says so instead"
+
+
+def test_the_pool_keeps_at_most_max_loaded_models_unloading_the_least_recently_used(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    made: list[str] = []
+
+    def load(key: str) -> LoadedModel:
+        made.append(key)
+        lm = tiny_se()
+        lm.key = key
+        return lm
+
+    pool = ModelPool(("resnet50", "sanet50", "seresnet50", "ecaresnet50d"), tiny_start(), loader=load,
+                     max_loaded=3)
+    with pytest.raises(ValueError, match="at least two models must stay loaded"):
+        ModelPool(("resnet50", "sanet50"), tiny_start(), max_loaded=1)
+    first = pool.lab(("sanet50", "seresnet50"))  # a third model fits
+    assert list(pool.models) == ["resnet50", "sanet50", "seresnet50"]
+    with caplog.at_level(logging.INFO, logger="sanet-viz"):
+        second = pool.lab(("seresnet50", "ecaresnet50d"))  # a fourth: ResNet50, the least recently used, goes
+    assert set(pool.models) == {"sanet50", "seresnet50", "ecaresnet50d"} and made == ["seresnet50", "ecaresnet50d"]
+    assert "unloaded Tiny ResNet (least recently used; at most 3 models stay loaded" in caplog.text
+    assert list(second.models) == ["seresnet50", "ecaresnet50d"]
+    assert "sanet50" in first.models and first.models["sanet50"] is pool.models["sanet50"]  # in use: not copied
+    assert pool.label("resnet50") == "ResNet50 (untrained)"  # what was known of its weights is kept
+    pool.lab(("resnet50", "ecaresnet50d"))  # picked again: loads again, SANet50 (least recent) goes
+    assert set(pool.models) == {"resnet50", "seresnet50", "ecaresnet50d"} and made[-1] == "resnet50"

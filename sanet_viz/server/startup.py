@@ -21,7 +21,7 @@ from ..weights import MODEL_SPECS, WeightsError, default_weights_dir, parse_mode
 from . import shutdown
 from .env import gradio_temp_dir
 from .janitor import CacheJanitor
-from .memory import MemoryReleaser
+from .memory import MemoryReleaser, release_memory
 from .shutdown import GracefulStop
 from .stats import engine_stats
 
@@ -94,13 +94,16 @@ def model_pool(args: argparse.Namespace) -> ModelPool:
         log.info("%s: offered, loads on first use; weights: %s", MODEL_SPECS[key].display_name,
                  e.note if e.pretrained else f"UNTRAINED ({e.note})")
 
+    device = lab.device  # not the lab itself: a loader that held it would keep the starting pair alive
+
     def loader(key: str) -> LoadedModel:
-        lm = load_model(key, specs[key], device=lab.device, weights_dir=args.weights_dir,
+        lm = load_model(key, specs[key], device=device, weights_dir=args.weights_dir,
                         require_pretrained=args.require_pretrained, log=log.info)
         warm_up(Lab({key: lm}), precision=args.precision)  # its precision check on the same picture as the others'
         return lm
 
-    return ModelPool(offered, lab.models, loader=loader, expected=expected)
+    return ModelPool(offered, lab.models, loader=loader, expected=expected, max_loaded=args.max_loaded_models,
+                     release=release_memory)
 
 
 def create_demo(args: argparse.Namespace) -> gr.Blocks:

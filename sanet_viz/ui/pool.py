@@ -1,12 +1,17 @@
 """The models the app offers (:class:`ModelPool`): the pair a visitor starts with is loaded at
 start; every other offered model is loaded the first time a visitor picks it, one load at a time.
+At most ``max_loaded`` stay loaded: a load beyond that first unloads the model used least
+recently, outside the pair being loaded for (each model is about 0.2 GB: four loaded went past
+the 2 GB budget); an unloaded model loads again when picked again.
 
 Visitors read the loaded models from a snapshot that is replaced, never changed, when a model is
-added (copy-on-write): a request that iterates it never sees it change under it.
+added or unloaded (copy-on-write): a request that iterates it never sees it change under it, and
+a model unloaded while a request still uses it lives until that request ends.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -39,7 +44,10 @@ class ModelPool:
 
     def __init__(self, offered: Sequence[str], loaded: Mapping[str, LoadedModel], *,
                  loader: Callable[[str], LoadedModel] | None = None,
-                 expected: Mapping[str, Expected] | None = None) -> None:
+                 expected: Mapping[str, Expected] | None = None, max_loaded: int | None = None,
+                 release: Callable[[], object] | None = None) -> None:
+        if max_loaded is not None and max_loaded < 2:
+            raise ValueError(f"at least two models must stay loaded (a pair), got {max_loaded}")
         self.offered = tuple(offered)
         if len(self.offered) < 2 or len(set(self.offered)) != len(self.offered):
             raise ValueError(f"the app offers at least two different models, got {', '.join(self.offered)}")
@@ -52,6 +60,9 @@ class ModelPool:
         self._loader = loader
         self._expected = dict(expected or {})
         self._load_lock = threading.Lock()
+        self.max_loaded = max_loaded
+        self._release = release  # hands freed memory back to the system (the server's malloc_trim)
+        self._used = dict.fromkeys(self._models, time.monotonic())  # key -> last use, for unloading
 
     @classmethod
     def of(cls, lab: Lab) -> ModelPool:
@@ -108,9 +119,11 @@ class ModelPool:
         """The keys of ``keys`` not loaded yet."""
         return [k for k in keys if k not in self._models]
 
-    def get(self, key: str) -> LoadedModel:
+    def get(self, key: str, *, keep: Sequence[str] = ()) -> LoadedModel:
         """The loaded model ``key``, loading it first if nobody has (one load at a time; a visitor
-        who asks for a model while it loads waits for that load rather than starting another)."""
+        who asks for a model while it loads waits for that load rather than starting another).
+        A load beyond ``max_loaded`` unloads the least recently used model not in ``keep``."""
+        self._used[key] = time.monotonic()
         lm = self._models.get(key)
         if lm is not None:
             return lm
@@ -119,6 +132,7 @@ class ModelPool:
         with self._load_lock:
             lm = self._models.get(key)
             if lm is None:
+                self._make_room(keep=(key, *keep))
                 start = time.perf_counter()
                 log.info("loading %s (first use)", self.name(key))
                 lm = self._loader(key)
@@ -127,6 +141,27 @@ class ModelPool:
                          time.perf_counter() - start, len(self._models), len(self.offered))
         return lm
 
+    def _make_room(self, *, keep: Sequence[str]) -> None:
+        """Unload least recently used models (not in ``keep``) until one more fits ``max_loaded``;
+        hold the load lock. Where only kept models are loaded, the cap gives way (and says so)."""
+        while self.max_loaded is not None and len(self._models) >= self.max_loaded:
+            idle = [k for k in self._models if k not in keep]
+            if not idle:
+                log.warning("%d models loaded, over --max-loaded-models %d: all are in use by this pair",
+                            len(self._models) + 1, self.max_loaded)
+                return
+            victim = min(idle, key=lambda k: self._used.get(k, 0.0))
+            gone = self._models[victim]
+            name = gone.display_name
+            self._expected[victim] = Expected(gone.weights.pretrained, gone.weights.note or gone.weights.source)
+            self._models = MappingProxyType({k: v for k, v in self._models.items() if k != victim})
+            del gone
+            gc.collect()  # its tensors go once no running request holds it
+            if self._release is not None:  # before the next load, not after it: the peak stays lower
+                self._release()
+            log.info("unloaded %s (least recently used; at most %d models stay loaded, --max-loaded-models)",
+                     name, self.max_loaded)
+
     def lab(self, keys: Sequence[str]) -> Lab:
         """A lab of ``keys`` (in that order), loading any not loaded yet."""
-        return Lab({k: self.get(k) for k in keys})
+        return Lab({k: self.get(k, keep=keys) for k in keys})
