@@ -169,7 +169,7 @@ def test_weights_json_reports_untrained_with_reason(tmp_path: Path) -> None:
     proc = run(["weights", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"resnet50", "sanet50"}
+    assert set(report) == {"resnet50", "sanet50", "seresnet50", "ecaresnet50d"}  # every registered model
     for key, entry in report.items():
         assert entry["pretrained"] is False and entry["sha256"] is None
         assert entry["kind"] == "untrained"
