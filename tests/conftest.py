@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import models
 
@@ -75,6 +76,23 @@ def tiny_sa_resnet(num_classes: int = 10, seed: int = 0) -> models.SAResNet:
     torch.manual_seed(seed)
     return randomize_sa(models.SAResNet([1, 1, 1, 1], num_classes=num_classes, sa_groups=4,
                                         planes=(8, 16, 32, 64)), seed).eval()
+
+
+def tiny_resnet(num_classes: int = 10, seed: int | None = None,
+                planes: tuple[int, int, int, int] = (8, 16, 32, 64)) -> ResNet:
+    """torchvision's ResNet with ResNet50's module names, one bottleneck per stage and narrow
+    stages (``width_per_group`` alone would keep 64 stem and 2048 output channels: a Score-CAM
+    at layer4.0 then runs 2048 full forwards a model)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes, width_per_group=8)
+    net.inplanes, net.base_width = planes[0], 64
+    net.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(planes[0])
+    for i, (width, stride) in enumerate(zip(planes, (1, 2, 2, 2), strict=True)):
+        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width, 1, stride=stride))
+    net.fc = nn.Linear(planes[3] * Bottleneck.expansion, num_classes)
+    return net.eval()
 
 
 @pytest.fixture(scope="module")

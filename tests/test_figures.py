@@ -14,11 +14,10 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, tiny_sa_resnet
+from conftest import EXAMPLES, ROOT, tiny_resnet, tiny_sa_resnet
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import charts, figures
 from sanet_viz.analysis import AnalysisOptions
@@ -33,7 +32,7 @@ SLIDE = (13.333, 7.5)
 
 def tiny_lab(*, pretrained: bool, transform: EvalTransform = IMAGENET_EVAL) -> Lab:
     torch.manual_seed(2)
-    resnet = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=8).eval()
+    resnet = tiny_resnet()
     info = WeightsInfo("test weights" if pretrained else "untrained (test)", pretrained)
     common = {"probe_layer": "layer4.0", "probe_groups": 64, "transform": transform}
     return Lab({"resnet50": LoadedModel("resnet50", "ResNet50", resnet, info, **common),

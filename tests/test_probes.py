@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_sa_resnet
+from conftest import tiny_resnet, tiny_sa_resnet
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import models
 from sanet_viz.analysis import AnalysisOptions, analyze
@@ -198,16 +197,11 @@ def all_hooks(model: nn.Module) -> list[str]:
     return found
 
 
-def tiny_resnet() -> ResNet:
-    torch.manual_seed(2)
-    return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=8).eval()
-
-
 @pytest.fixture(scope="module")
 def lab() -> Lab:
     sanet = tiny_sa_resnet(seed=3)
     return Lab({
-        "resnet50": LoadedModel("resnet50", "Tiny ResNet", tiny_resnet(), WeightsInfo("untrained (test)", False),
+        "resnet50": LoadedModel("resnet50", "Tiny ResNet", tiny_resnet(seed=2), WeightsInfo("untrained (test)", False),
                                 probe_layer="layer4.0", probe_groups=64),
         "sanet50": LoadedModel("sanet50", "Tiny SANet", sanet, WeightsInfo("untrained (test)", False),
                                probe_layer="layer4.0", probe_groups=64),
@@ -323,7 +317,7 @@ def test_analyze_rejects_bad_options() -> None:
 
 def tiny_lab() -> Lab:
     return Lab({
-        "resnet50": LoadedModel("resnet50", "Tiny ResNet", tiny_resnet(), WeightsInfo("untrained (test)", False),
+        "resnet50": LoadedModel("resnet50", "Tiny ResNet", tiny_resnet(seed=2), WeightsInfo("untrained (test)", False),
                                 probe_layer="layer4.0", probe_groups=64),
         "sanet50": LoadedModel("sanet50", "Tiny SANet", tiny_sa_resnet(seed=3),
                                WeightsInfo("untrained (test)", False), probe_layer="layer4.0", probe_groups=64),

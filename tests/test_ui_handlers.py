@@ -11,8 +11,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import pytest
-from conftest import EXAMPLES, tiny_sa_resnet
-from torchvision.models.resnet import Bottleneck, ResNet
+from conftest import EXAMPLES, tiny_resnet, tiny_sa_resnet
 
 from sanet_viz import models
 from sanet_viz.lab import Lab, LoadedModel
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lab(*, constant_gates: bool = False) -> Lab:
-    resnet = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=8).eval()
+    resnet = tiny_resnet()
     sanet = (models.SAResNet([1, 1, 1, 1], num_classes=10, sa_groups=4, planes=(8, 16, 32, 64)).eval()
              if constant_gates else tiny_sa_resnet())  # the paper's 0/1 init: every gate is sigmoid(1)
     info = WeightsInfo("untrained (test)", False, note="test models")

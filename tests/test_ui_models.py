@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import EXAMPLES, tiny_sa_resnet
+from conftest import EXAMPLES, tiny_resnet, tiny_sa_resnet
 from test_attention_models import lively
-from torchvision.models.resnet import Bottleneck, ResNet
 
 from sanet_viz import charts
 from sanet_viz.lab import Lab, LoadedModel
@@ -43,7 +42,7 @@ def tiny_se() -> LoadedModel:
 
 
 def tiny_start() -> dict[str, LoadedModel]:
-    resnet = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=8).eval()
+    resnet = tiny_resnet()
     return {"resnet50": LoadedModel("resnet50", "Tiny ResNet", resnet, INFO, probe_layer=LAYER, probe_groups=64),
             "sanet50": LoadedModel("sanet50", "Tiny SANet", tiny_sa_resnet(), INFO, probe_layer=LAYER,
                                    probe_groups=64)}
