@@ -63,6 +63,18 @@ def _inputs_of(model: nn.Module, names: list[str], x: Tensor) -> dict[str, Tenso
     return seen
 
 
+def _recorded_gates(model: nn.Module, kind: str) -> tuple[dict[str, str], list[str], dict[str, Tensor], dict]:
+    """One forward of a random batch under ``kind``'s recorder: the gate modules by depth, their
+    attention modules' names, those modules' inputs, and the recorded gates by depth."""
+    modules = attention.LAYOUTS[kind].modules(model)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    names = [name.removesuffix(".gate") for name in modules.values()]
+    inputs = _inputs_of(model, names, x)
+    with GateRecorder(model, attention.LAYOUTS[kind], modules) as rec, torch.no_grad():
+        model(x)
+    return modules, names, inputs, rec.values
+
+
 def test_the_registry_has_each_model_with_its_source_preprocessing_and_gates() -> None:
     assert list(MODEL_SPECS)[:2] == ["resnet50", "sanet50"] and weights.DEFAULT_MODELS == ("resnet50", "sanet50")
     expected = {"resnet50": None, "sanet50": "SA", "seresnet50": "SE", "ecaresnet50d": "ECA"}
@@ -95,19 +107,13 @@ def test_layouts_are_found_from_the_modules(timm_models: dict[str, nn.Module]) -
 
 def test_se_gates_equal_a_plain_reading_of_its_forward(timm_models: dict[str, nn.Module]) -> None:
     model = timm_models["seresnet50"]
-    layout = attention.LAYOUTS["SE"]
-    modules = layout.modules(model)
-    x = torch.randn(2, 3, SIZE, SIZE)
-    se_names = [name.removesuffix(".gate") for name in modules.values()]
-    inputs = _inputs_of(model, se_names, x)
-    with GateRecorder(model, layout, modules) as rec, torch.no_grad():
-        model(x)
+    modules, se_names, inputs, values = _recorded_gates(model, "SE")
     for (depth, name), se_name in zip(modules.items(), se_names, strict=True):
         se = model.get_submodule(se_name)
         squeezed = inputs[se_name].mean((2, 3), keepdim=True)  # (N, C, 1, 1): squeeze
         hidden = F.relu(F.conv2d(squeezed, se.fc1.weight, se.fc1.bias))  # excitation: two 1x1 convolutions
         plain = torch.sigmoid(F.conv2d(hidden, se.fc2.weight, se.fc2.bias)).flatten(1)
-        got = rec.values[depth]["channel"]
+        got = values[depth]["channel"]
         assert got.shape == plain.shape == (2, se.fc2.out_channels), depth
         torch.testing.assert_close(got, plain, atol=1e-6, rtol=0)
         assert float(got.std()) > 1e-3  # real spread, not a constant
@@ -116,20 +122,14 @@ def test_se_gates_equal_a_plain_reading_of_its_forward(timm_models: dict[str, nn
 
 def test_eca_gates_equal_a_plain_reading_of_its_forward(timm_models: dict[str, nn.Module]) -> None:
     model = timm_models["ecaresnet50d"]
-    layout = attention.LAYOUTS["ECA"]
-    modules = layout.modules(model)
-    x = torch.randn(2, 3, SIZE, SIZE)
-    eca_names = [name.removesuffix(".gate") for name in modules.values()]
-    inputs = _inputs_of(model, eca_names, x)
-    with GateRecorder(model, layout, modules) as rec, torch.no_grad():
-        model(x)
+    modules, eca_names, inputs, values = _recorded_gates(model, "ECA")
     kernels = set()
     for (depth, _), eca_name in zip(modules.items(), eca_names, strict=True):
         conv = model.get_submodule(eca_name).conv
         kernels.add(conv.kernel_size[0])
         squeezed = inputs[eca_name].mean((2, 3))[:, None, :]  # (N, 1, C): channels as a sequence
         plain = torch.sigmoid(F.conv1d(squeezed, conv.weight, padding=conv.padding[0]))[:, 0, :]
-        torch.testing.assert_close(rec.values[depth]["channel"], plain, atol=1e-6, rtol=0)
+        torch.testing.assert_close(values[depth]["channel"], plain, atol=1e-6, rtol=0)
     assert len(kernels) > 1  # ECA's kernel size follows the channel count: more than one size is read
     assert not any(m._forward_hooks for m in model.modules())
 
