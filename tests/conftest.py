@@ -78,13 +78,12 @@ def tiny_sa_resnet(num_classes: int = 10, seed: int = 0) -> models.SAResNet:
                                         planes=(8, 16, 32, 64)), seed).eval()
 
 
-def tiny_resnet(num_classes: int = 10, seed: int | None = None,
+def tiny_resnet(num_classes: int = 10, seed: int = 0,
                 planes: tuple[int, int, int, int] = (8, 16, 32, 64)) -> ResNet:
     """torchvision's ResNet with ResNet50's module names, one bottleneck per stage and narrow
     stages (``width_per_group`` alone would keep 64 stem and 2048 output channels: a Score-CAM
     at layer4.0 then runs 2048 full forwards a model)."""
-    if seed is not None:
-        torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeded like tiny_sa_resnet: a test's scores are the same every run
     net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes, width_per_group=8)
     net.inplanes, net.base_width = planes[0], 64
     net.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import block_outputs, calibrated_module, randomize_sa, tiny_sa_resnet
+from conftest import block_outputs, calibrated_module, randomize_sa, tiny_resnet, tiny_sa_resnet
 from test_probes import official_probe
 from torch import Tensor, nn
 
@@ -189,9 +189,8 @@ SIZE = 64
 def calibrated_lab() -> Lab:
     calibrated = calibrated_module()
     batch = calibrated.example_batch(SIZE, per_image=4)
-    from test_probes import tiny_resnet
-
-    nets = {"resnet50": calibrated.calibrate(tiny_resnet(), batch, seed=1),
+    # Seeded: an unseeded ResNet gave a saturated softmax (0.987) in one CI run.
+    nets = {"resnet50": calibrated.calibrate(tiny_resnet(seed=2), batch, seed=1),
             "sanet50": calibrated.calibrate(tiny_sa_resnet(seed=3), batch, seed=2)}
     return Lab({key: LoadedModel(key, f"calibrated tiny {key}", net, WeightsInfo(calibrated.CALIBRATED_SOURCE, False),
                                  probe_layer="layer4.0", probe_groups=64) for key, net in nets.items()})

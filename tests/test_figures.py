@@ -31,8 +31,7 @@ SLIDE = (13.333, 7.5)
 
 
 def tiny_lab(*, pretrained: bool, transform: EvalTransform = IMAGENET_EVAL) -> Lab:
-    torch.manual_seed(2)
-    resnet = tiny_resnet()
+    resnet = tiny_resnet(seed=2)
     info = WeightsInfo("test weights" if pretrained else "untrained (test)", pretrained)
     common = {"probe_layer": "layer4.0", "probe_groups": 64, "transform": transform}
     return Lab({"resnet50": LoadedModel("resnet50", "ResNet50", resnet, info, **common),
