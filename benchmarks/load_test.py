@@ -57,14 +57,15 @@ def free_port() -> int:
 
 
 def start_app(args: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
-              port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """``app.py`` in a subprocess with the debug route on; returns the process and its URL."""
+              port: int | None = None, script: Path = ROOT / "app.py") -> tuple[subprocess.Popen[bytes], str]:
+    """``app.py`` (or ``script``, which runs it) in a subprocess with the debug route on; returns
+    the process and its URL."""
     port = port or free_port()
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SANET_VIZ_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                 "SANET_VIZ_DEBUG_STATS": "1", **(env or {})}
     full_env.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="sanet-viz-load-"))
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), *args], cwd=ROOT,
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     wait_ready(url, proc)

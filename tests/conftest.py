@@ -209,3 +209,11 @@ def pointing_model() -> models.SAResNet:
                           else recent[-1] if recent else 0.0)
         step += 1
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def narrow_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Narrow ResNet50 and SANet50 files in the released layouts, for ``tests/narrow_app.py``."""
+    from narrow_models import save_checkpoints
+
+    return save_checkpoints(tmp_path_factory.mktemp("narrow-weights"))

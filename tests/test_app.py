@@ -1,4 +1,8 @@
-"""The browser app end to end: `python app.py` in a subprocess, driven by gradio_client and Chromium."""
+"""The browser app end to end: `python app.py` in a subprocess, driven by gradio_client and Chromium.
+
+The server runs the narrow copies of the architectures (``tests/narrow_app.py``: every module
+name and group count kept, a fraction of the compute) with checkpoints in the released layouts.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES, ROOT, load_test_module
+from narrow_models import APP
 
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -42,9 +47,10 @@ def write_profiles(path: Path, labels: list[str], seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_server(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Path,
-               torchvision_checkpoint: Path) -> Iterator[dict[str, object]]:
+def app_server(tmp_path_factory: pytest.TempPathFactory,
+               narrow_checkpoints: dict[str, Path]) -> Iterator[dict[str, object]]:
     """The real app on a free port, with checkpoints in the released layouts and a profiles file."""
+    torchvision_checkpoint, official_checkpoint = narrow_checkpoints["resnet50"], narrow_checkpoints["sanet50"]
     port = _free_port()
     profiles = write_profiles(tmp_path_factory.mktemp("profiles") / "profiles.npz",
                               ["reference-alpha", "reference-beta", "reference-gamma"])
@@ -52,7 +58,7 @@ def app_server(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Pa
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", SANET_VIZ_OFFLINE="1", HF_HUB_OFFLINE="1",
                GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")))
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port),
+        proc = subprocess.Popen([sys.executable, str(APP), "--port", str(port),
                                  "--resnet50", str(torchvision_checkpoint), "--sanet50", str(official_checkpoint),
                                  "--weights-dir", str(tmp_path_factory.mktemp("empty-weights")),
                                  "--profiles", str(profiles)],

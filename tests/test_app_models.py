@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import EXAMPLES, ROOT, load_test_module
+from narrow_models import APP
 
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -20,12 +21,13 @@ OFFERED = "resnet50,sanet50,seresnet50"
 
 @pytest.fixture(scope="module")
 def models_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Untrained ResNet50 and SANet50 at start; SE-ResNet50 offered, loaded on its first pick."""
+    """Untrained ResNet50 and SANet50 at start; SE-ResNet50 offered, loaded on its first pick (the
+    narrow architectures: tests/narrow_app.py)."""
     lt = load_test_module()
     folder = tmp_path_factory.mktemp("models-app")
     proc, url = lt.start_app(["--models", OFFERED, "--resnet50", "untrained", "--sanet50", "untrained",
                               "--weights-dir", str(folder / "none")], log_path=folder / "app.log",
-                             env={"GRADIO_TEMP_DIR": str(folder / "gradio")})
+                             env={"GRADIO_TEMP_DIR": str(folder / "gradio")}, script=APP)
     try:
         yield {"url": url, "log": folder / "app.log", "start": lt.model_state(lt.debug_stats(url))}
     finally:

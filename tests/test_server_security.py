@@ -56,9 +56,13 @@ def _env(**extra: str) -> dict[str, str]:
 # The file routes
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Path,
-           torchvision_checkpoint: Path) -> Iterator[dict[str, object]]:
-    """app.py with the generated checkpoints, a weights folder holding a secret, a short cache TTL."""
+def server(tmp_path_factory: pytest.TempPathFactory,
+           narrow_checkpoints: dict[str, Path]) -> Iterator[dict[str, object]]:
+    """app.py with the generated checkpoints, a weights folder holding a secret, a short cache TTL
+    (the narrow architectures: tests/narrow_app.py)."""
+    from narrow_models import APP  # here: this file also runs as a script, without the package on its path
+
+    torchvision_checkpoint, official_checkpoint = narrow_checkpoints["resnet50"], narrow_checkpoints["sanet50"]
     folder = tmp_path_factory.mktemp("server")
     weights_dir = folder / "weights"
     weights_dir.mkdir()
@@ -67,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Path,
     proc, url = lt.start_app(  # type: ignore[attr-defined]
         ["--resnet50", str(torchvision_checkpoint), "--sanet50", str(official_checkpoint),
          "--weights-dir", str(weights_dir), "--cache-ttl", str(CACHE_TTL)],
-        log_path=folder / "app.log", env={"GRADIO_TEMP_DIR": str(temp), "SANET_VIZ_DEBUG_STATS": "0"})
+        log_path=folder / "app.log", env={"GRADIO_TEMP_DIR": str(temp), "SANET_VIZ_DEBUG_STATS": "0"}, script=APP)
     try:
         yield {"url": url, "proc": proc, "temp": temp, "weights_dir": weights_dir, "log": folder / "app.log",
                "checkpoints": [official_checkpoint, torchvision_checkpoint]}

@@ -1,0 +1,80 @@
+"""Narrow copies of the registered architectures, for app servers in tests.
+
+Every module name, block count and SA group count of the real models is kept (16 SA layers, 64
+groups at SA_5_3, ``layerX.Y.se`` for SE), only the channel widths shrink: an analysis then costs
+a fraction of a second instead of seconds, while the server, the checkpoints' layouts and every
+view are the real ones. Tests whose point is a request that takes a while (queue limits,
+cancellation, a Score-CAM in its lane, shutdown grace) keep the full-size models.
+
+``python tests/narrow_app.py ARGS`` is ``python app.py ARGS`` with these architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from sanet_viz import models
+from sanet_viz.weights import MODEL_SPECS
+
+# 32 planes a stage: SA's 64 groups need 2 x 64 channels at every bottleneck's output (32 x 4).
+PLANES = (32, 32, 32, 32)
+LAYERS = (3, 4, 6, 3)
+APP = Path(__file__).with_name("narrow_app.py")
+
+
+def narrow_resnet50(*, num_classes: int = 1000) -> ResNet:
+    """torchvision's ResNet50 (its module names and block counts) with narrow stages."""
+    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
+    net.inplanes = PLANES[0]
+    net.conv1 = nn.Conv2d(3, PLANES[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(PLANES[0])
+    for i, (width, blocks, stride) in enumerate(zip(PLANES, LAYERS, (1, 2, 2, 2), strict=True)):
+        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width, blocks, stride=stride))
+    net.fc = nn.Linear(PLANES[3] * Bottleneck.expansion, num_classes)
+    return net
+
+
+def narrow_sa_resnet50(*, num_classes: int = 1000) -> models.SAResNet:
+    return models.SAResNet(list(LAYERS), num_classes=num_classes, planes=PLANES)
+
+
+def _narrow_timm(name: str) -> object:
+    def build(*, num_classes: int = 1000) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, channels=PLANES,
+                                 stem_width=PLANES[0])
+    return build
+
+
+BUILDERS = {"resnet50": narrow_resnet50, "sanet50": narrow_sa_resnet50,
+            "seresnet50": _narrow_timm("seresnet50"), "ecaresnet50d": _narrow_timm("ecaresnet50d")}
+
+
+def use_narrow_models() -> None:
+    """Point the registry's builders at the narrow architectures (in place: every module that
+    imported ``MODEL_SPECS`` sees them)."""
+    assert set(BUILDERS) == set(MODEL_SPECS), "a registered model has no narrow copy here"
+    for key, build in BUILDERS.items():
+        MODEL_SPECS[key] = dataclasses.replace(MODEL_SPECS[key], builder=build)
+
+
+def save_checkpoints(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Narrow ResNet50 and SANet50 files in the released layouts (torchvision's plain state dict;
+    SA-Net's training dict with the DataParallel prefix), with non-trivial SA gates."""
+    from conftest import randomize_sa
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    resnet = folder / "resnet50-0676ba61.pth"
+    torch.save(narrow_resnet50().state_dict(), resnet)
+    sanet = folder / "sa_resnet50.pth.tar"
+    state = {f"module.{k}": v for k, v in randomize_sa(narrow_sa_resnet50(), seed + 1).state_dict().items()}
+    torch.save({"epoch": 100, "arch": "sa_resnet50", "state_dict": state, "best_acc": torch.tensor(77.88),
+                "optimizer": {"state": {}, "param_groups": []}}, sanet)
+    return {"resnet50": resnet, "sanet50": sanet}
