@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import narrow_models
 import pytest
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import ResNet
 
 from sanet_viz import models
 
@@ -81,17 +82,9 @@ def tiny_sa_resnet(num_classes: int = 10, seed: int = 0) -> models.SAResNet:
 def tiny_resnet(num_classes: int = 10, seed: int = 0,
                 planes: tuple[int, int, int, int] = (8, 16, 32, 64)) -> ResNet:
     """torchvision's ResNet with ResNet50's module names, one bottleneck per stage and narrow
-    stages (``width_per_group`` alone would keep 64 stem and 2048 output channels: a Score-CAM
-    at layer4.0 then runs 2048 full forwards a model)."""
+    stages (a Score-CAM at layer4.0 of a 2048-channel one runs 2048 full forwards a model)."""
     torch.manual_seed(seed)  # seeded like tiny_sa_resnet: a test's scores are the same every run
-    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes, width_per_group=8)
-    net.inplanes, net.base_width = planes[0], 64
-    net.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = nn.BatchNorm2d(planes[0])
-    for i, (width, stride) in enumerate(zip(planes, (1, 2, 2, 2), strict=True)):
-        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width, 1, stride=stride))
-    net.fc = nn.Linear(planes[3] * Bottleneck.expansion, num_classes)
-    return net.eval()
+    return narrow_models.resnet((1, 1, 1, 1), planes, num_classes=num_classes).eval()
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +207,4 @@ def pointing_model() -> models.SAResNet:
 @pytest.fixture(scope="session")
 def narrow_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Narrow ResNet50 and SANet50 files in the released layouts, for ``tests/narrow_app.py``."""
-    from narrow_models import save_checkpoints
-
-    return save_checkpoints(tmp_path_factory.mktemp("narrow-weights"))
+    return narrow_models.save_checkpoints(tmp_path_factory.mktemp("narrow-weights"))

@@ -27,16 +27,22 @@ LAYERS = (3, 4, 6, 3)
 APP = Path(__file__).with_name("narrow_app.py")
 
 
+def resnet(layers: tuple[int, ...], planes: tuple[int, ...], *, num_classes: int) -> ResNet:
+    """torchvision's ResNet with bottlenecks, ResNet50's module names and the given stage widths
+    (``width_per_group`` alone would keep the 64-channel stem and 2048 channels at layer4)."""
+    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes, width_per_group=8)  # all replaced below
+    net.inplanes, net.base_width = planes[0], 64
+    net.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(planes[0])
+    for i, (width, blocks, stride) in enumerate(zip(planes, layers, (1, 2, 2, 2), strict=True)):
+        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width, blocks, stride=stride))
+    net.fc = nn.Linear(planes[3] * Bottleneck.expansion, num_classes)
+    return net
+
+
 def narrow_resnet50(*, num_classes: int = 1000) -> ResNet:
     """torchvision's ResNet50 (its module names and block counts) with narrow stages."""
-    net = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
-    net.inplanes = PLANES[0]
-    net.conv1 = nn.Conv2d(3, PLANES[0], kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = nn.BatchNorm2d(PLANES[0])
-    for i, (width, blocks, stride) in enumerate(zip(PLANES, LAYERS, (1, 2, 2, 2), strict=True)):
-        setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width, blocks, stride=stride))
-    net.fc = nn.Linear(PLANES[3] * Bottleneck.expansion, num_classes)
-    return net
+    return resnet(LAYERS, PLANES, num_classes=num_classes)
 
 
 def narrow_sa_resnet50(*, num_classes: int = 1000) -> models.SAResNet:
