@@ -34,9 +34,11 @@ INFO = WeightsInfo("untrained (test)", False, note="test models")
 
 
 def tiny_se() -> LoadedModel:
-    """A small timm SE-ResNet (bicubic preprocessing, as the registry's entry), its gates lively."""
+    """A small timm SE-ResNet (bicubic preprocessing, as the registry's entry), its gates lively;
+    narrow stages (a full-width one made the faithfulness and figure tests slow)."""
     torch.manual_seed(0)
-    se = lively(timm.create_model("seresnet18", pretrained=False, num_classes=10))
+    se = lively(timm.create_model("seresnet18", pretrained=False, num_classes=10, channels=(16, 16, 32, 64),
+                                  stem_width=16))
     return LoadedModel("seresnet50", "Tiny SE", se, INFO, probe_layer="layer4.1", probe_groups=64,
                        transform=TIMM_BICUBIC_EVAL)
 
