@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.multiprocessing as mp
 import torchvision.transforms.functional as TF
 from conftest import SIZE, make_batch, tiny_sa_resnet
 from PIL import Image
-from test_reproduce import NUM_CLASSES, _free_port, make_folder, tiny_lab
+from test_reproduce import NUM_CLASSES, _free_port, join_cpu_group, make_folder, tiny_lab
 
 from sanet_viz import faithfulness as fa
 from sanet_viz import models
@@ -493,10 +492,7 @@ def test_reproduce_faithfulness_resumes_to_the_same_values(small_folder: Path, f
 
 
 def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rp.init_distributed("cpu")
+    join_cpu_group(rank, world, port)
     try:
         result = rp.run(small_lab(), folder, subset(folder), rp.ReproduceOptions(**FAITH_OPTIONS))
         np.savez(Path(out) / f"rank{rank}.npz", **result.sums)

@@ -147,11 +147,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def join_cpu_group(rank: int, world: int, port: int) -> tuple[int, int, str]:
+    """In an ``mp.spawn`` worker: torchrun's variables, one thread, then ``init_distributed``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    got_rank, got_world, device = rp.init_distributed("cpu")
+    return rp.init_distributed("cpu")
+
+
+def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    got_rank, got_world, device = join_cpu_group(rank, world, port)
     assert (got_rank, got_world, device) == (rank, world, "cpu")
     try:
         samples = rp.scan_dataset(folder, num_classes=NUM_CLASSES).samples

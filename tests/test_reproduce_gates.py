@@ -13,7 +13,17 @@ import torch
 import torch.multiprocessing as mp
 from conftest import randomize_sa
 from test_attention_models import lively
-from test_reproduce import GROUPS, NUM_CLASSES, OPTIONS, PLANES, _free_port, assert_same, make_folder, tiny_lab
+from test_reproduce import (
+    GROUPS,
+    NUM_CLASSES,
+    OPTIONS,
+    PLANES,
+    _free_port,
+    assert_same,
+    join_cpu_group,
+    make_folder,
+    tiny_lab,
+)
 
 from sanet_viz import models
 from sanet_viz import reproduce as rp
@@ -229,12 +239,7 @@ def test_a_lone_gated_model_writes_unsuffixed_files(folder: Path, tmp_path: Path
 
 
 def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rp.init_distributed("cpu")
+    join_cpu_group(rank, world, port)
     try:
         samples = rp.scan_dataset(folder, num_classes=NUM_CLASSES).samples
         result = rp.run(se_lab(), folder, samples, rp.ReproduceOptions(**OPTIONS), state_dir=Path(out) / "state")
