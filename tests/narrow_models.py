@@ -12,6 +12,7 @@ cancellation, a Score-CAM in its lane, shutdown grace) keep the full-size models
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def narrow_sa_resnet50(*, num_classes: int = 1000) -> models.SAResNet:
     return models.SAResNet(list(LAYERS), num_classes=num_classes, planes=PLANES)
 
 
-def _narrow_timm(name: str) -> object:
+def _narrow_timm(name: str) -> Callable[..., nn.Module]:
     def build(*, num_classes: int = 1000) -> nn.Module:
         import timm
 
@@ -65,7 +66,8 @@ BUILDERS = {"resnet50": narrow_resnet50, "sanet50": narrow_sa_resnet50,
 def use_narrow_models() -> None:
     """Point the registry's builders at the narrow architectures (in place: every module that
     imported ``MODEL_SPECS`` sees them)."""
-    assert set(BUILDERS) == set(MODEL_SPECS), "a registered model has no narrow copy here"
+    if set(BUILDERS) != set(MODEL_SPECS):
+        raise RuntimeError(f"no narrow copy here of {sorted(set(MODEL_SPECS) - set(BUILDERS))}")
     for key, build in BUILDERS.items():
         MODEL_SPECS[key] = dataclasses.replace(MODEL_SPECS[key], builder=build)
 
@@ -77,10 +79,10 @@ def save_checkpoints(folder: Path, seed: int = 0) -> dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    resnet = folder / "resnet50-0676ba61.pth"
-    torch.save(narrow_resnet50().state_dict(), resnet)
-    sanet = folder / "sa_resnet50.pth.tar"
+    resnet_path = folder / "resnet50-0676ba61.pth"
+    torch.save(narrow_resnet50().state_dict(), resnet_path)
+    sanet_path = folder / "sa_resnet50.pth.tar"
     state = {f"module.{k}": v for k, v in randomize_sa(narrow_sa_resnet50(), seed + 1).state_dict().items()}
     torch.save({"epoch": 100, "arch": "sa_resnet50", "state_dict": state, "best_acc": torch.tensor(77.88),
-                "optimizer": {"state": {}, "param_groups": []}}, sanet)
-    return {"resnet50": resnet, "sanet50": sanet}
+                "optimizer": {"state": {}, "param_groups": []}}, sanet_path)
+    return {"resnet50": resnet_path, "sanet50": sanet_path}

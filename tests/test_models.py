@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet50 as tv_resnet50
 
 from sanet_viz import models
+from sanet_viz.weights import MODEL_SPECS
 
 # SANet50 = ResNet50 with an SA layer in each bottleneck; stages of [3, 4, 6, 3] blocks with
 # 256, 512, 1024, 2048 output channels (conv2_x .. conv5_x).
@@ -321,3 +322,22 @@ def test_randomize_helper_gives_nonconstant_gates() -> None:
     gates = sa_gate_values(model, torch.randn(1, 3, 32, 32))
     for gc, gs in gates.values():
         assert gc.std() > 1e-3 and gs.std() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The narrow copies app-server tests run (tests/narrow_models.py) are the registered models but narrow
+
+@pytest.mark.parametrize("key", list(MODEL_SPECS))
+def test_narrow_copies_keep_every_module_name_and_gate_layout(key: str) -> None:
+    import narrow_models
+
+    from sanet_viz.attention import layout_of
+
+    real, narrow = MODEL_SPECS[key].build(), narrow_models.BUILDERS[key](num_classes=MODEL_SPECS[key].num_classes)
+    assert [n for n, _ in narrow.named_modules()] == [n for n, _ in real.named_modules()]
+    assert [type(m) for _, m in narrow.named_modules()] == [type(m) for _, m in real.named_modules()]
+    assert layout_of(narrow) == layout_of(real)
+    n_params = sum(p.numel() for p in narrow.parameters())
+    assert n_params < sum(p.numel() for p in real.parameters()) / 5, "not narrow"
+    if key == "sanet50":
+        assert narrow.get_submodule("layer4.2.sa").groups == real.get_submodule("layer4.2.sa").groups == 64
