@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]  # a script's own folder only is on the path
+sys.path.insert(1, str(ROOT))  # a script gets only its own folder (tests/) on the path, not the package's
 
 from narrow_models import use_narrow_models  # noqa: E402
 
