@@ -1,7 +1,10 @@
 """The notebook API (sanet_viz.notebook) and the lesson (examples/teaching.ipynb).
 
 The API must give the numbers the CLI writes; the lesson must run top to bottom, on untrained
-weights, in a kernel of this interpreter, and show its pictures inline.
+weights, in a kernel of this interpreter, and show its pictures inline. The lesson runs on the
+narrow copies of the models (tests/narrow_models.py: every module name, block and group count kept),
+which turns two minutes of full-size forwards on 2 cores into seconds; the full-size architectures
+are checked against the official code in test_models.
 """
 
 from __future__ import annotations
@@ -140,6 +143,34 @@ def kernel_for_this_interpreter(folder: Path) -> str:
     return name
 
 
+NARROW_STARTUP = """
+# Test harness (tests/test_notebook.py): once the lesson has imported sanet_viz itself, point the
+# model registry at tests/narrow_models.py's narrow copies (same module names, block and group
+# counts; a fraction of the compute). Nothing is put on the path before that, so the lesson's own
+# way of finding the package is still what is tested.
+import sys
+
+
+def _use_narrow_models(result):
+    if "sanet_viz.weights" in sys.modules and "narrow_models" not in sys.modules:
+        sys.path.append({tests!r})
+        import narrow_models
+
+        narrow_models.use_narrow_models()
+        print("(test harness: narrow models)")
+
+
+get_ipython().events.register("post_run_cell", _use_narrow_models)
+"""
+
+
+def narrow_kernel(ipython_dir: Path) -> None:
+    """An IPython startup file in ``ipython_dir`` that gives the lesson's kernel the narrow models."""
+    startup = ipython_dir / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-narrow-models.py").write_text(NARROW_STARTUP.format(tests=str(Path(__file__).parent)))
+
+
 @pytest.mark.slow
 def test_the_lesson_runs_top_to_bottom(no_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nbclient import NotebookClient
@@ -154,6 +185,8 @@ def test_the_lesson_runs_top_to_bottom(no_weights: Path, tmp_path: Path, monkeyp
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel picks Jupyter's inline backend
     monkeypatch.delenv("PYTHONPATH", raising=False)  # the lesson finds the package itself
 
+    narrow_kernel(tmp_path / "ipython")
+
     lesson = nbformat.read(LESSON, as_version=4)
     client = NotebookClient(lesson, kernel_name=kernel, timeout=600,
                             resources={"metadata": {"path": str(LESSON.parent)}})
@@ -165,6 +198,7 @@ def test_the_lesson_runs_top_to_bottom(no_weights: Path, tmp_path: Path, monkeyp
     assert len(pictures) >= 8  # part 1's two plots, heatmaps, the figure, probe, groups, gates
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "UNTRAINED: ResNet50, SANet50" in printed
+    assert printed.count("(test harness: narrow models)") == 1  # set once, before the models were built
     assert "by hand == sa(x): True" in printed
     assert "Every gate is 0.7311" in printed
     assert "The correlation is undefined at 16 of 16 depths" in printed  # and no numbers shown as findings
