@@ -3,15 +3,23 @@
 Every module name, block count and SA group count of the real models is kept (16 SA layers, 64
 groups at SA_5_3, ``layerX.Y.se`` for SE), only the channel widths shrink: an analysis then costs
 a fraction of a second instead of seconds, while the server, the checkpoints' layouts and every
-view are the real ones. Tests whose point is a request that takes a while (queue limits,
-cancellation, a Score-CAM in its lane, shutdown grace) keep the full-size models.
+view are the real ones.
 
-``python tests/narrow_app.py ARGS`` is ``python app.py ARGS`` with these architectures.
+Tests whose point is a request that takes a while (queue limits, cancellation, a Score-CAM in its
+lane, SIGTERM with a request in flight) give the narrow models wall time without CPU: a sleep of
+``seconds_per_image`` per image in every forward (it releases the GIL, as torch's kernels do), so
+their requests last seconds while two test workers keep the 2 cores. Only a test whose point is
+native code in flight (test_shutdown's abort in Score-CAM) keeps the full-size models.
+
+``python tests/narrow_app.py ARGS`` is ``python app.py ARGS`` with these architectures
+(``SANET_VIZ_TEST_SECONDS_PER_IMAGE``: the sleep).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,13 +71,39 @@ BUILDERS = {"resnet50": narrow_resnet50, "sanet50": narrow_sa_resnet50,
             "seresnet50": _narrow_timm("seresnet50"), "ecaresnet50d": _narrow_timm("ecaresnet50d")}
 
 
-def use_narrow_models() -> None:
+SECONDS_PER_IMAGE_ENV = "SANET_VIZ_TEST_SECONDS_PER_IMAGE"
+
+
+@functools.cache
+def _sleeping(cls: type[nn.Module], seconds_per_image: float) -> type[nn.Module]:
+    """``cls`` whose forward first sleeps ``seconds_per_image`` per image of its batch; same name,
+    so messages that name the model's type read as they would."""
+    def forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        time.sleep(seconds_per_image * x.shape[0])
+        return cls.forward(self, x, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                      "__qualname__": cls.__qualname__})
+
+
+def _taking(build: Callable[..., nn.Module], seconds_per_image: float) -> Callable[..., nn.Module]:
+    def build_sleeping(*, num_classes: int = 1000) -> nn.Module:
+        model = build(num_classes=num_classes)
+        model.__class__ = _sleeping(type(model), seconds_per_image)  # no hook: hook counts stay the app's
+        return model
+    return build_sleeping
+
+
+def use_narrow_models(*, seconds_per_image: float = 0.0) -> None:
     """Point the registry's builders at the narrow architectures (in place: every module that
-    imported ``MODEL_SPECS`` sees them)."""
+    imported ``MODEL_SPECS`` sees them); with ``seconds_per_image``, their forwards also sleep."""
     if set(BUILDERS) != set(MODEL_SPECS):
         raise RuntimeError(f"no narrow copy here of {sorted(set(MODEL_SPECS) - set(BUILDERS))}")
+    if seconds_per_image < 0:
+        raise ValueError(f"seconds_per_image must be >= 0, not {seconds_per_image}")
     for key, build in BUILDERS.items():
-        MODEL_SPECS[key] = dataclasses.replace(MODEL_SPECS[key], builder=build)
+        builder = _taking(build, seconds_per_image) if seconds_per_image else build
+        MODEL_SPECS[key] = dataclasses.replace(MODEL_SPECS[key], builder=builder)
 
 
 def save_checkpoints(folder: Path, seed: int = 0) -> dict[str, Path]:

@@ -1,5 +1,7 @@
 """The app as its visitors meet it, with untrained models (as on a fresh server): honest numbers
-from the API, fairness between a slow and a fast request, and the page at desktop and phone width."""
+from the API, fairness between a slow and a fast request, and the page at desktop and phone width.
+The server runs the narrow architectures (tests/narrow_app.py), which keep every module name and
+SA_5_3's 64 groups."""
 
 from __future__ import annotations
 
@@ -19,15 +21,23 @@ CHROMIUM = "/usr/bin/chromium"
 HAS_CHROMIUM = Path(CHROMIUM).exists() and shutil.which("chromium") is not None
 
 
+# Narrow models that sleep per forwarded image (tests/narrow_models.py): the Score-CAM below forwards
+# 2 x 128 masked images (~26 s), the Grad-CAM beside it about 70 (~7 s, its probe), so the Score-CAM
+# is still running when the Grad-CAM is done, without the CPU that full-size models would take.
+SECONDS_PER_IMAGE = 0.1
+
+
 @pytest.fixture(scope="module")
 def untrained_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from narrow_models import APP, SECONDS_PER_IMAGE_ENV
+
     lt = load_test_module()
     port = lt.free_port()
     folder = tmp_path_factory.mktemp("untrained-app")
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", SANET_VIZ_OFFLINE="1", HF_HUB_OFFLINE="1",
-               GRADIO_TEMP_DIR=str(folder / "gradio"))
+               GRADIO_TEMP_DIR=str(folder / "gradio"), **{SECONDS_PER_IMAGE_ENV: str(SECONDS_PER_IMAGE)})
     with open(folder / "app.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--resnet50", "untrained",
+        proc = subprocess.Popen([sys.executable, str(APP), "--port", str(port), "--resnet50", "untrained",
                                  "--sanet50", "untrained", "--weights-dir", str(folder / "none")],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}/"

@@ -469,16 +469,24 @@ QUEUE_SIZE, CONCURRENCY = 2, 2
 MAX_FILE_SIZE = "1mb"
 
 
+# An analysis with its probe is ~70 forwarded images: ~7 s a request, so both slots are still busy
+# while the queue fills and a cancel lands mid-probe, without the CPU full-size models would take.
+SECONDS_PER_IMAGE = 0.05
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Path,
-        torchvision_checkpoint: Path) -> Iterator[dict[str, object]]:
-    """app.py with the generated checkpoints, a small queue and upload limit, and /debug_stats."""
+def app(tmp_path_factory: pytest.TempPathFactory, narrow_checkpoints: dict[str, Path]) -> Iterator[dict[str, object]]:
+    """app.py with generated checkpoints, a small queue and upload limit, and /debug_stats (the
+    narrow architectures, sleeping per image: tests/narrow_models.py)."""
+    from narrow_models import APP, SECONDS_PER_IMAGE_ENV
+
     folder = tmp_path_factory.mktemp("hardening-app")
     proc, url = lt.start_app(  # type: ignore[attr-defined]
-        ["--resnet50", str(torchvision_checkpoint), "--sanet50", str(official_checkpoint),
+        ["--resnet50", str(narrow_checkpoints["resnet50"]), "--sanet50", str(narrow_checkpoints["sanet50"]),
          "--weights-dir", str(folder / "no-weights"), "--queue-size", str(QUEUE_SIZE),
          "--concurrency", str(CONCURRENCY), "--max-file-size", MAX_FILE_SIZE],
-        log_path=folder / "app.log", env={"GRADIO_TEMP_DIR": str(folder / "gradio")})
+        log_path=folder / "app.log", script=APP,
+        env={"GRADIO_TEMP_DIR": str(folder / "gradio"), SECONDS_PER_IMAGE_ENV: str(SECONDS_PER_IMAGE)})
     try:
         yield {"url": url, "proc": proc, "log": folder / "app.log", "start": lt.debug_stats(url)}  # type: ignore
     finally:

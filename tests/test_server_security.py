@@ -28,6 +28,7 @@ ROOT = TESTS.parent
 EXAMPLES = ROOT / "examples"
 CHROMIUM = "/usr/bin/chromium"
 CACHE_TTL = 4  # seconds: the app deletes uploads and outputs this old, checking every 2 s
+NARROW_APP = Path(__file__).with_name("narrow_app.py")  # narrow_models.APP, which the helper cannot import
 
 
 def _load_test() -> object:
@@ -363,7 +364,9 @@ def offline_session(out_path: Path, checkpoints: list[str], workdir: Path, isola
     port = lt.free_port()  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}/"
     log = open(workdir / "app.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--resnet50", checkpoints[0],
+    # The narrow architectures (tests/narrow_app.py runs app.py with them), sleeping per image so the
+    # analysis is still in flight at the SIGTERM: SANET_VIZ_TEST_SECONDS_PER_IMAGE, from the fixture.
+    proc = subprocess.Popen([sys.executable, str(NARROW_APP), "--port", str(port), "--resnet50", checkpoints[0],
                              "--sanet50", checkpoints[1], "--weights-dir", str(workdir / "no-weights")],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -455,18 +458,22 @@ def _can_unshare() -> bool:
 
 
 @pytest.fixture(scope="module")
-def offline_report(tmp_path_factory: pytest.TempPathFactory, official_checkpoint: Path,
-                   torchvision_checkpoint: Path) -> dict[str, object]:
+def offline_report(tmp_path_factory: pytest.TempPathFactory, narrow_checkpoints: dict[str, Path]) -> dict[str, object]:
+    from narrow_models import APP, SECONDS_PER_IMAGE_ENV
+
+    assert APP == NARROW_APP
     workdir = tmp_path_factory.mktemp("offline")
     out = workdir / "report.json"
     isolated = _can_unshare()
     helper = [sys.executable, str(Path(__file__).resolve()), "--offline-session", str(out), str(workdir),
-              str(torchvision_checkpoint), str(official_checkpoint), "1" if isolated else "0"]
+              str(narrow_checkpoints["resnet50"]), str(narrow_checkpoints["sanet50"]), "1" if isolated else "0"]
     if isolated:  # a fresh network namespace: only a loopback interface, brought up here
         command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *helper]
     else:  # not root: the sitecustomize harness refuses every connection off this machine
         command = helper
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+    # ~70 images an analysis: ~3.5 s of sleep, so the SIGTERM lands while it runs.
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=_env(**{SECONDS_PER_IMAGE_ENV: "0.05"}))
     assert out.exists(), f"the helper wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return json.loads(out.read_text())
 
