@@ -469,8 +469,9 @@ QUEUE_SIZE, CONCURRENCY = 2, 2
 MAX_FILE_SIZE = "1mb"
 
 
-# An analysis with its probe is ~70 forwarded images: ~7 s a request, so both slots are still busy
-# while the queue fills and a cancel lands mid-probe, without the CPU full-size models would take.
+# An analysis with its probe is ~70 forwarded images: ~3.5 s of sleep (~9.5 s a request here with
+# the narrow models' own work), so both slots are still busy while the queue fills and a cancel
+# lands mid-probe, without the CPU full-size models would take.
 SECONDS_PER_IMAGE = 0.05
 
 
