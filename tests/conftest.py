@@ -8,7 +8,11 @@ import os
 os.environ["SANET_VIZ_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-# pytest-xdist's workers (addopts: -n 2) share the machine's cores: one intra-op thread each, for
+# The app servers and CLIs the tests start run their probes in fp32 unless a test asks for auto
+# (--precision auto, AnalysisOptions(precision="auto")): auto's bf16 check at each server's
+# start-up cost ~15 s on a bf16 CPU and is tested where it is meant.
+os.environ.setdefault("SANET_VIZ_PRECISION", "fp32")
+# pytest-xdist's workers (addopts: -n 3) share the machine's cores: one intra-op thread each, for
 # them and the app servers they start, instead of every process spinning a thread per core
 # (measured on 2 cores: 752 s -> 652 s of pytest). Without workers (-n 0) torch's default stays.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -56,7 +60,16 @@ def calibrated_module() -> Any:
     return benchmark_module("calibrated")
 
 
+# The files that take longest (worker-seconds measured at -n 3 on 2 cores: 144, 125, 121, 117,
+# 94, 68, 66, 64), started first: a worker handed one of them last would run alone while the others
+# idle. Only the order changes (addopts: --no-loadscope-reorder); the rest follow in file order.
+HEAVY_FILES = ("test_reproduce.py", "test_app_visitors.py", "test_hardening.py", "test_server_security.py",
+               "test_app.py", "test_cli.py", "test_app_models.py", "test_reproduce_gates.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))  # stable: file order within
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:

@@ -36,7 +36,7 @@ def no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("SANET_VIZ_WEIGHTS_DIR", str(folder))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    for key in ("SANET_VIZ_RESNET50", "SANET_VIZ_SANET50"):
+    for key in ("SANET_VIZ_RESNET50", "SANET_VIZ_SANET50", "SANET_VIZ_PRECISION"):  # a user's defaults
         monkeypatch.delenv(key, raising=False)
     return folder
 
