@@ -250,11 +250,16 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         session.result = result
         check()
         status = self._slow_estimate(result, options) if slow else ""
-        # The heatmaps first, alone (what a visitor waits for); the other tabs' views (the depth
-        # charts take half a second to draw) in the next message.
-        yield {**self._compare_views(session, opacity),
-               self.page.compare.status: views.status_html(status, kind="busy"),
+        # The heatmaps first (what a visitor waits for), then the difference map, then the other
+        # tabs' views (the depth charts take half a second to draw). Gradio's cost of a message
+        # grows with its images (a PNG each, ~15 ms) and with every output it skips (~1 ms each:
+        # it rebuilds the component), so the heatmaps' message repeats the cleared values instead.
+        c = self.page.compare
+        compare = self._compare_views(session, opacity)
+        later = {c.difference: compare.pop(c.difference), c.difference_caption: compare.pop(c.difference_caption)}
+        yield {**self._cleared(session), **compare, c.status: views.status_html(status, kind="busy"),
                self.page.controls.cancel: gr.update(visible=slow and session.page)}
+        yield later
         yield {**self._groups_views(session), **self._depth_views(session), **self._faithfulness_views(session)}
         left, right = result.models  # the pair, in order: the right model is always probed, the left on demand
         yield from self._probes(session, (right,) + ((left,) if probe_resnet else ()), check)
