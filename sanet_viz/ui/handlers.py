@@ -254,12 +254,10 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         # tabs' views (the depth charts take half a second to draw). Gradio's cost of a message
         # grows with its images (a PNG each, ~15 ms) and with every output it skips (~1 ms each:
         # it rebuilds the component), so the heatmaps' message repeats the cleared values instead.
-        c = self.page.compare
-        compare = self._compare_views(session, opacity)
-        later = {c.difference: compare.pop(c.difference), c.difference_caption: compare.pop(c.difference_caption)}
-        yield {**self._cleared(session), **compare, c.status: views.status_html(status, kind="busy"),
+        yield {**self._cleared(session), **self._heatmap_views(session, opacity),
+               self.page.compare.status: views.status_html(status, kind="busy"),
                self.page.controls.cancel: gr.update(visible=slow and session.page)}
-        yield later
+        yield self._difference_views(session)
         yield {**self._groups_views(session), **self._depth_views(session), **self._faithfulness_views(session)}
         left, right = result.models  # the pair, in order: the right model is always probed, the left on demand
         yield from self._probes(session, (right,) + ((left,) if probe_resnet else ()), check)
@@ -425,6 +423,9 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
                 **self._depth_views(session), **self._faithfulness_views(session)}
 
     def _compare_views(self, session: Session, opacity: float) -> dict[Any, Any]:
+        return {**self._heatmap_views(session, opacity), **self._difference_views(session)}
+
+    def _heatmap_views(self, session: Session, opacity: float) -> dict[Any, Any]:
         result, c = session.result, self.page.compare
         if result is None:
             return {}
@@ -434,9 +435,14 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
             out[c.top5[slot]] = views.top5_html(m)
             out[c.captions[slot]] = views.caption_html(m) if m.cam is not None else views.status_html(
                 "Waiting for its turn in the slow lane…", kind="busy")
-        out[c.difference] = views.difference_image(result, view=session.view)
-        out[c.difference_caption] = self._difference_caption(list(result.models.values()))
         return out
+
+    def _difference_views(self, session: Session) -> dict[Any, Any]:
+        result, c = session.result, self.page.compare
+        if result is None:
+            return {}
+        return {c.difference: views.difference_image(result, view=session.view),
+                c.difference_caption: self._difference_caption(list(result.models.values()))}
 
     @staticmethod
     def _difference_caption(models: list[ModelResult]) -> str:
