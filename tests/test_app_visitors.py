@@ -137,6 +137,9 @@ def test_both_heatmaps_on_screen_together(untrained_app: str, width: int, height
             assert "untrained" in page.inner_text("#weights-banner").lower()
             assert _box(page, "#analyse-button")["y"] + _box(page, "#analyse-button")["height"] <= height, \
                 "Analyse is in the first screen"
+            # Gradio's Tabs add their tab buttons once the tab contents have mounted, which can be a
+            # moment after the button above is on the page (seen on a loaded CI machine).
+            page.wait_for_function("() => document.querySelectorAll('[role=tab]').length >= 6", timeout=30_000)
             tabs = page.get_by_role("tab")
             assert tabs.count() == 6 and all(tabs.nth(i).is_visible() for i in range(6)), "every tab reachable"
             page.set_input_files("#image-input input[type=file]", str(EXAMPLES / "chelsea.jpg"))
