@@ -209,3 +209,32 @@ def test_events_with_nothing_to_do_change_nothing(app: Any) -> None:
     for out in (app.rerender(0.3, "whole photo (crop outlined)", before), app.select_group(3, before),
                 app.resort("by score", before)):
         assert out and all(value == gr.skip() for value in out.values())
+
+
+def test_the_pages_analyse_sends_the_compare_tab_first_and_the_rest_from_a_chained_event(tmp_path: Path) -> None:
+    demo = build_demo(tiny_lab(), AppSettings(output_dir=tmp_path))
+    app = demo.handlers
+    p = app.page
+    compare, rest = set(p.compare_outputs()), set(p.rest_outputs())
+    api = [f for f in demo.fns.values() if f.api_name == "analyze"]
+    assert len(api) == 1 and not api[0].targets and len(api[0].outputs) == len(p.analysis_outputs()), \
+        "/analyze: one event with every output and no trigger on the page"
+    clicked = [f for f in demo.fns.values() if any(t[0] == p.controls.analyse._id for t in f.targets)]
+    assert len(clicked) == 1 and set(clicked[0].outputs) == compare and len(compare) < len(rest) + 3
+
+    session = Session(page=True)
+    whole = merged(analyse(app, Session(page=True)))  # what the API (one event) ends with
+    first = last(app.analyse_page(str(EXAMPLES / "chelsea.jpg"), "gradcam", "predicted", LAYER, 0.5, False, False,
+                                  session))
+    assert all(set(m) <= compare for m in first)
+    assert isinstance(merged(first)[p.compare.images["right"]], np.ndarray) and session.rest is not None
+    then = last(app.continue_analysis(session))
+    assert all(set(m) <= rest for m in then) and session.rest is None
+    assert then[0][p.download.result_json] is None and p.controls.cancel not in then[0], \
+        "an earlier result's downloads go at once; Cancel stays as the heatmaps left it"
+    page = merged(first + then)
+    assert set(page) == set(whole)
+    assert page[p.groups.grid].count('data-group="') == 64 and page[p.download.result_json]["models"].keys() == \
+        whole[p.download.result_json]["models"].keys()
+    again = last(app.continue_analysis(session))  # taken once: a second continuation changes nothing
+    assert len(again) == 1 and all(value == gr.skip() for value in again[0].values())

@@ -102,9 +102,16 @@ def _wire(demo: gr.Blocks, h: Handlers, page: Page, settings: AppSettings) -> No
 
     demo.load(h.new_session, None, [s, p.left, p.right, *([page.banner] if page.banner else [])],
               api_visibility="private", queue=False)
-    runs = [c.analyse.click(h.analyse, inputs, outputs, api_name="analyze", js=SCROLL_JS, **fast)]
-    runs += [control.change(h.reanalyse, inputs, outputs, trigger_mode="always_last", api_visibility="private",
-                            **fast) for control in (c.method, c.target, c.layer)]
+    # The API's /analyze: one event, every output, its last message complete. The page's Analyse
+    # (and a changed method, class or layer) updates the Compare tab from an event of its own and
+    # the other tabs from one chained after it: the browser's work per message grows with the
+    # event's outputs, and on a small machine it competes with the models (docs/performance.md).
+    gr.on([], h.analyse, inputs, outputs, api_name="analyze", **fast)
+    private: dict[str, Any] = {"api_visibility": "private", **fast}
+    first = [c.analyse.click(h.analyse_page, inputs, page.compare_outputs(), js=SCROLL_JS, **private)]
+    first += [control.change(h.reanalyse, inputs, page.compare_outputs(), trigger_mode="always_last", **private)
+              for control in (c.method, c.target, c.layer)]
+    runs = [run.then(h.continue_analysis, [s], page.rest_outputs(), **private) for run in first]
     picked = [p.left, p.right, *inputs[:-1]]
     pair_outputs = [*outputs, *h.layout_outputs()]
     runs += [picker.input(h.pick, picked, pair_outputs, trigger_mode="always_last", api_visibility="private", **fast)

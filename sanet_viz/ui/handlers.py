@@ -28,7 +28,6 @@ from .. import figures
 from ..analysis import (
     AnalysisOptions,
     add_probes,
-    complete_cam,
     explain,
 )
 from ..cam import CAM_METHODS, MULTI_PASS_METHODS
@@ -44,6 +43,7 @@ from .faithfulness import FaithfulnessHandlers
 from .pairs import PairHandlers
 from .pool import ModelPool, PairError
 from .session import Session
+from .slow import SlowLaneHandlers
 from .tabs import (
     PREDICTED,
     SLOTS,
@@ -95,19 +95,24 @@ class Page:
         return [f.verdict, f.curves, f.road, f.cascade, f.strips]
 
     def analysis_outputs(self) -> list[Any]:
-        c, g, d = self.compare, self.groups, self.depth
+        """What an analysis updates: the API's outputs (and the slow lane's)."""
+        return [*self.compare_outputs(), *self.rest_outputs()[3:]]
+
+    def compare_outputs(self) -> list[Any]:
+        """The page's *Analyse* event: the Compare tab and the analysis' state."""
+        c = self.compare
         return [self.session, self.controls.cancel, c.status, *c.images.values(), *c.top5.values(),
-                *c.captions.values(), c.difference, c.difference_caption, g.probe, g.grid, g.group,
-                g.detail_image, g.detail_text, d.heatmap, d.lines, d.nearest, self.download.archive,
-                self.download.result_json, self.download.figures, *self.faithfulness_outputs()]
+                *c.captions.values(), c.difference, c.difference_caption]
+
+    def rest_outputs(self) -> list[Any]:
+        """The event chained after it: the other tabs (and the state, the status and Cancel first)."""
+        g, d = self.groups, self.depth
+        return [self.session, self.controls.cancel, self.compare.status, g.probe, g.grid, g.group, g.detail_image,
+                g.detail_text, d.heatmap, d.lines, d.nearest, self.download.archive, self.download.result_json,
+                self.download.figures, *self.faithfulness_outputs()]
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHandlers):
+class Handlers(SlowLaneHandlers, FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHandlers):
     def __init__(self, models: Lab | ModelPool, settings: AppSettings, page: Page) -> None:
         self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
         self.settings, self.page = settings, page
@@ -209,8 +214,55 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         completes them here. The last message holds everything (what API clients get).
         """
         session = session or Session()
+        yield from self._compare_part(path, method, target, layer, opacity, probe_resnet, faithfulness, session,
+                                      models)
+        yield from self._take_rest(session)
+
+    def analyse_page(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
+                     probe_resnet: bool, faithfulness: bool, session: Session | None,
+                     models: str | None = None) -> Iterator[dict[Any, Any]]:
+        """The page's *Analyse*: :meth:`analyse`'s messages for the Compare tab only, from an event
+        whose outputs are only that tab's (:meth:`Page.compare_outputs`); :meth:`continue_analysis`,
+        chained after it, does the rest. Gradio's page handles each message of an event in time that
+        grows with the event's outputs: with all 27, Chromium worked ~130 ms more between the click
+        and the heatmaps, on the cores the models were using (docs/performance.md)."""
+        keep = set(self.page.compare_outputs())
+        for message in self._compare_part(path, method, target, layer, opacity, probe_resnet, faithfulness,
+                                          session or Session(), models):
+            yield {k: v for k, v in message.items() if k in keep}
+
+    def continue_analysis(self, session: Session | None) -> Iterator[dict[Any, Any]]:
+        """After :meth:`analyse_page`: the other tabs emptied of an earlier result at once, then the
+        rest of :meth:`analyse` (group maps, gates, probes, the downloads)."""
+        yield from self._at_least_one(self._continue(session))
+
+    def _continue(self, session: Session | None) -> Iterator[dict[Any, Any]]:
+        if session is None or session.rest is None:
+            return
+        keep = set(self.page.rest_outputs())
+        c = self.page.controls
+        # The status and Cancel stay as the heatmaps left them (a slow method's estimate, its Cancel).
+        yield {k: v for k, v in self._cleared(session).items()
+               if k in keep and k not in (c.cancel, self.page.compare.status)}
+        for message in self._take_rest(session):
+            yield {k: v for k, v in message.items() if k in keep}
+
+    def reanalyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
+                  probe_resnet: bool, faithfulness: bool, session: Session | None,
+                  models: str | None = None) -> Iterator[dict[Any, Any]]:
+        """A control changed: analyse again (as :meth:`analyse_page`) if there is a picture, and say
+        nothing if there is none."""
+        if session is not None and session.image is not None and path:
+            yield from self.analyse_page(path, method, target, layer, opacity, probe_resnet, faithfulness, session,
+                                         models)
+
+    def _compare_part(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
+                      probe_resnet: bool, faithfulness: bool, session: Session,
+                      models: str | None) -> Iterator[dict[Any, Any]]:
+        """The analysis up to the Compare tab's views; what follows is left in ``session.rest``."""
         run = session.start()
         session.faithfulness = bool(faithfulness)
+        session.rest = None
         try:
             pair = self.pool.pair(models) if models else self.pair_of(session)
         except PairError as exc:
@@ -219,8 +271,18 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
         lab = self.pool.lab(pair)
         image = self._prepare(path, session, lab)
         options = self.options(method, target, layer, lab)
+        yield from self._guarded(session, run, self._heatmaps(session, run, image, options, path, opacity, lab))
+        if session.current(run) and session.result is not None:
+            session.rest = self._guarded(session, run, self._rest(session, run, options, opacity, probe_resnet))
+
+    def _take_rest(self, session: Session) -> Iterator[dict[Any, Any]]:
+        rest, session.rest = session.rest, None  # taken once, by whichever event comes first
+        if rest is not None:
+            yield from rest
+
+    def _guarded(self, session: Session, run: int, messages: Iterator[dict[Any, Any]]) -> Iterator[dict[Any, Any]]:
         try:
-            yield from self._analyse(session, run, image, options, path, opacity, probe_resnet, lab)
+            yield from messages
         except Cancelled as exc:  # a newer request of this visitor, Cancel, or a server stopping
             if self.settings.stopping():
                 raise gr.Error("The server is shutting down; please try again in a minute.",
@@ -229,20 +291,12 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
                 yield {self.page.compare.status: views.status_html(f"Stopped: {exc}.", kind="stale"),
                        self.page.controls.cancel: gr.update(visible=False)}
 
-    def reanalyse(self, path: str | None, method: str, target: str | None, layer: str | None, opacity: float,
-                  probe_resnet: bool, faithfulness: bool, session: Session | None,
-                  models: str | None = None) -> Iterator[dict[Any, Any]]:
-        """A control changed: analyse again if there is a picture (and say nothing if there is none)."""
-        if session is not None and session.image is not None and path:
-            yield from self.analyse(path, method, target, layer, opacity, probe_resnet, faithfulness, session, models)
-
-    def _analyse(self, session: Session, run: int, image: Any, options: AnalysisOptions, path: str | None,
-                 opacity: float, probe_resnet: bool, lab: Lab) -> Iterator[dict[Any, Any]]:
+    def _heatmaps(self, session: Session, run: int, image: Any, options: AnalysisOptions, path: str | None,
+                  opacity: float, lab: Lab) -> Iterator[dict[Any, Any]]:
         check = session.checker(run, self.settings.stopping)
-        method = options.method
-        slow = method in MULTI_PASS_METHODS
+        slow = options.method in MULTI_PASS_METHODS
         previous = session.result
-        label = CAM_METHODS[method][1].split(" (")[0]
+        label = CAM_METHODS[options.method][1].split(" (")[0]
         yield {**self._cleared(session), self.page.compare.status: views.status_html(
             f"Computing {label} for both models…", kind="busy")}
         result = explain(lab, image, options, name=Path(path or "image").name, defer_slow=slow)
@@ -258,6 +312,16 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
                self.page.compare.status: views.status_html(status, kind="busy"),
                self.page.controls.cancel: gr.update(visible=slow and session.page)}
         yield self._difference_views(session)
+
+    def _rest(self, session: Session, run: int, options: AnalysisOptions, opacity: float,
+              probe_resnet: bool) -> Iterator[dict[Any, Any]]:
+        check = session.checker(run, self.settings.stopping)
+        check()  # a newer analysis may have started since the heatmaps
+        result = session.result
+        assert result is not None
+        method = options.method
+        slow = method in MULTI_PASS_METHODS
+        label = CAM_METHODS[method][1].split(" (")[0]
         yield {**self._groups_views(session), **self._depth_views(session), **self._faithfulness_views(session)}
         left, right = result.models  # the pair, in order: the right model is always probed, the left on demand
         yield from self._probes(session, (right,) + ((left,) if probe_resnet else ()), check)
@@ -298,99 +362,6 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
     def _pending(self, result: AnalysisResult) -> list[str]:
         return [k for k, m in result.models.items() if m.pending_cam is not None]
 
-    def _slow_estimate(self, result: AnalysisResult, options: AnalysisOptions) -> str:
-        """What the slow method will cost, said before it starts."""
-        parts = []
-        for key in self._pending(result):
-            m, lm = result.models[key], self.pool.get(key)
-            acts = m.pending_cam
-            assert acts is not None
-            flat = acts.flatten(2)
-            varying = int((flat.amax(-1) != flat.amin(-1)).sum())
-            if options.method == "scorecam":
-                precision = lm.probe_precision(options.precision).replace("check", "fp32")
-                ms = lm.forward_ms.get(precision) or lm.forward_ms.get("fp32")
-                eta = f", about {_fmt_seconds(varying * ms / 1e3)}" if ms else ""
-                parts.append(f"{m.display_name}: {varying:,} masked forwards ({precision}){eta}")
-            else:
-                parts.append(f"{m.display_name}: {acts.shape[1]:,} ablated channels through the layers after "
-                             f"{m.cam_layer}")
-        label = CAM_METHODS[options.method][1].split(" (")[0]
-        return f"<b>{label}</b> will run next, one model at a time: " + "; ".join(parts) + \
-            ". The other views are ready now; <b>Cancel</b> stops it."
-
-    # ----------------------------------------------------------------------------------------
-    # The slow lane
-
-    def complete_slow(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
-        """Compute pending Score-CAM / Ablation-CAM maps, one model at a time, with progress."""
-        yield from self._at_least_one(self._complete_slow(opacity, session))
-
-    def _complete_slow(self, opacity: float, session: Session | None) -> Iterator[dict[Any, Any]]:
-        if session is None or session.result is None or not self._pending(session.result):
-            return
-        run, result = session.run, session.result
-        with self.slow_lane:
-            yield from self._complete_pending(session, run, result.options, opacity)
-            if session.current(run) and not self._pending(result):
-                if session.faithfulness:
-                    yield from self._measure(session, session.checker(run, self.settings.stopping))
-                yield self._final(session, opacity)
-
-    def _complete_pending(self, session: Session, run: int, options: AnalysisOptions,
-                          opacity: float) -> Iterator[dict[Any, Any]]:
-        """Every pending slow CAM of the session's result, one model after the other (hold the lane)."""
-        assert session.result is not None
-        for key in self._pending(session.result):
-            if not session.current(run):
-                return
-            yield from self._slow_steps(session, run, key, options, opacity)
-
-    def _slow_steps(self, session: Session, run: int, key: str, options: AnalysisOptions,
-                    opacity: float) -> Iterator[dict[Any, Any]]:
-        """One model's slow CAM in a worker thread; this generator reports its progress."""
-        result, image, lm = session.result, session.image, self.pool.get(key)
-        assert result is not None and image is not None
-        caption = self.page.compare.captions[SLOTS[list(result.models).index(key)]]
-        check = session.checker(run, self.settings.stopping)
-        state: dict[str, Any] = {"done": 0, "total": 1, "start": time.perf_counter()}
-
-        def progress(done: int, total: int, what: str) -> None:
-            state.update(done=done, total=total)
-            check()
-
-        def work() -> None:
-            try:
-                complete_cam(lm, image, result.models[key], options, progress=progress)
-            except BaseException as exc:  # noqa: BLE001 - handed to the generator below
-                state["error"] = exc
-
-        worker = threading.Thread(target=work, name=f"slow-cam-{key}", daemon=True)
-        worker.start()
-        label = CAM_METHODS[options.method][1].split(" (")[0]
-        try:
-            while worker.is_alive():
-                worker.join(0.75)
-                yield {caption: views.status_html(self._progress_text(label, state), kind="busy")}
-        finally:
-            if worker.is_alive():  # the page went away or Cancel was pressed: stop at the next batch
-                session.cancel()
-                worker.join(30)
-        error = state.get("error")
-        if isinstance(error, Cancelled):
-            if self.settings.stopping():
-                raise gr.Error("The server is shutting down; please try again in a minute.", print_exception=False)
-            if run != session.run:  # replaced by a newer request, which owns the page now
-                return
-            yield {self.page.compare.status: views.status_html(f"{label} stopped: {error}.", kind="stale"),
-                   caption: views.status_html(f"{label} cancelled.", kind="stale"),
-                   self.page.controls.cancel: gr.update(visible=False)}
-            return
-        if error is not None:
-            log.exception("slow CAM failed", exc_info=error)
-            raise gr.Error(f"{label} failed: {error}", print_exception=False)
-        yield self._compare_views(session, opacity)
-
     def _at_least_one(self, messages: Iterator[dict[Any, Any]]) -> Iterator[dict[Any, Any]]:
         """``messages``, or one "no change": Gradio ends a generator that yielded nothing with None
         for every output, which blanks views the page already shows (seen: the Across depth charts
@@ -401,19 +372,6 @@ class Handlers(FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHan
             yield message
         if empty:  # a dict must name a component to be read as updates (an empty one is one value)
             yield {self.page.compare.status: gr.skip()}
-
-    @staticmethod
-    def _progress_text(label: str, state: dict[str, Any]) -> str:
-        done, total = state["done"], max(state["total"], 1)
-        elapsed = time.perf_counter() - state["start"]
-        eta = f", about {_fmt_seconds(elapsed * (total - done) / done)} left" if done else ""
-        return f"{label}: {done:,} of {total:,} ({done / total:.0%}){eta}"
-
-    def cancel(self, session: Session | None) -> dict[Any, Any]:
-        if session is not None:
-            session.cancel()
-        return {self.page.compare.status: views.status_html("Cancelled.", kind="stale"),
-                self.page.controls.cancel: gr.update(visible=False)}
 
     # ----------------------------------------------------------------------------------------
     # Views of the current result

@@ -3,7 +3,7 @@ visitor's analyses is current, so that a new click replaces (cancels) the one st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,9 @@ class Session:
     # The depth charts of ``result`` (result, gates heatmap, gates lines): 0.5-0.9 s of drawing,
     # done once per result rather than with every message.
     depth_charts: tuple[Any, Any, Any] | None = field(default=None, repr=False)
+    # The analysis after its heatmaps (group maps, gates, probes, downloads), left by the page's
+    # Analyse event for the event chained after it (Handlers.continue_analysis).
+    rest: Iterator[dict[Any, Any]] | None = field(default=None, repr=False)
 
     def start(self) -> int:
         """A new analysis replaces whatever this visitor was running (events of one visitor run
