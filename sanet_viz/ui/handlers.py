@@ -96,7 +96,7 @@ class Page:
 
     def analysis_outputs(self) -> list[Any]:
         """What an analysis updates: the API's outputs (and the slow lane's)."""
-        return [*self.compare_outputs(), *self.rest_outputs()[3:]]
+        return [*self.compare_outputs(), *self._other_tabs()]
 
     def compare_outputs(self) -> list[Any]:
         """The page's *Analyse* event: the Compare tab and the analysis' state."""
@@ -106,10 +106,12 @@ class Page:
 
     def rest_outputs(self) -> list[Any]:
         """The event chained after it: the other tabs (and the state, the status and Cancel first)."""
+        return [self.session, self.controls.cancel, self.compare.status, *self._other_tabs()]
+
+    def _other_tabs(self) -> list[Any]:
         g, d = self.groups, self.depth
-        return [self.session, self.controls.cancel, self.compare.status, g.probe, g.grid, g.group, g.detail_image,
-                g.detail_text, d.heatmap, d.lines, d.nearest, self.download.archive, self.download.result_json,
-                self.download.figures, *self.faithfulness_outputs()]
+        return [g.probe, g.grid, g.group, g.detail_image, g.detail_text, d.heatmap, d.lines, d.nearest,
+                self.download.archive, self.download.result_json, self.download.figures, *self.faithfulness_outputs()]
 
 
 class Handlers(SlowLaneHandlers, FaithfulnessHandlers, CorrelationHandlers, PairHandlers, DepthHandlers):
